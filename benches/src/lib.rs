@@ -1,0 +1,2 @@
+//! farpool bench
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! farpool client
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! farpool memory server
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! placeholder, filled by a later change
+#![forbid(unsafe_code)]
