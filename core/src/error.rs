@@ -111,11 +111,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A new error of `kind` with a message.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            source: None,
-        }
+        Self { kind, message: message.into(), source: None }
     }
 
     /// Attach the underlying cause.
@@ -139,11 +135,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.kind,
-            ErrorKind::Unreachable
-                | ErrorKind::Timeout
-                | ErrorKind::NoSpace
-                | ErrorKind::Io
-                | ErrorKind::Cancelled
+            ErrorKind::Unreachable | ErrorKind::Timeout | ErrorKind::NoSpace | ErrorKind::Io | ErrorKind::Cancelled
         )
     }
 
@@ -188,9 +180,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_deref()
-            .map(|s| s as &(dyn std::error::Error + 'static))
+        self.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -214,16 +204,10 @@ mod tests {
 
     #[test]
     fn io_errors_map_to_kinds() {
-        let e = Error::io(
-            "connect",
-            std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
-        );
+        let e = Error::io("connect", std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert_eq!(e.kind(), ErrorKind::Unreachable);
         assert!(e.is_retryable());
-        let e = Error::io(
-            "read",
-            std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
-        );
+        let e = Error::io("read", std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
         assert_eq!(e.kind(), ErrorKind::Closed);
         assert!(!Error::new(ErrorKind::Revoked, "x").is_retryable());
         assert!(e.to_string().contains("read"));

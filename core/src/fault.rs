@@ -59,14 +59,7 @@ pub struct Faulty<T> {
 impl<T: Transport> Faulty<T> {
     /// Wrap `inner`, deciding faults with a generator seeded by `seed`.
     pub fn new(inner: T, cfg: FaultConfig, seed: u64) -> Self {
-        Self {
-            inner,
-            cfg,
-            seed,
-            rng: SmallRng::seed_from_u64(seed),
-            held: Vec::new(),
-            stats: FaultStats::default(),
-        }
+        Self { inner, cfg, seed, rng: SmallRng::seed_from_u64(seed), held: Vec::new(), stats: FaultStats::default() }
     }
 
     /// The seed (print it on failure to reproduce).
@@ -118,30 +111,12 @@ impl<T: Transport> Transport for Faulty<T> {
         for wr in batch.drain(..n) {
             if self.rng.random_bool(self.cfg.drop) {
                 self.stats.dropped += 1;
-                let e = Error::new(
-                    ErrorKind::Timeout,
-                    format!("injected drop (seed {})", self.seed),
-                );
-                self.hold(
-                    self.cfg.delay,
-                    Completion {
-                        wr_id: wr.wr_id,
-                        result: Err(e),
-                    },
-                );
+                let e = Error::new(ErrorKind::Timeout, format!("injected drop (seed {})", self.seed));
+                self.hold(self.cfg.delay, Completion { wr_id: wr.wr_id, result: Err(e) });
             } else if self.rng.random_bool(self.cfg.error) {
                 self.stats.errored += 1;
-                let e = Error::new(
-                    ErrorKind::Io,
-                    format!("injected error (seed {})", self.seed),
-                );
-                self.hold(
-                    Duration::ZERO,
-                    Completion {
-                        wr_id: wr.wr_id,
-                        result: Err(e),
-                    },
-                );
+                let e = Error::new(ErrorKind::Io, format!("injected error (seed {})", self.seed));
+                self.hold(Duration::ZERO, Completion { wr_id: wr.wr_id, result: Err(e) });
             } else {
                 forward.push(wr);
             }
@@ -150,8 +125,7 @@ impl<T: Transport> Transport for Faulty<T> {
             if self.inner.post(&mut forward)? == 0 {
                 // The inner window is full of ops we must harvest before posting more.
                 let mut tmp = Vec::new();
-                self.inner
-                    .poll(&mut tmp, usize::MAX, self.inner.op_timeout())?;
+                self.inner.poll(&mut tmp, usize::MAX, self.inner.op_timeout())?;
                 for c in tmp {
                     self.hold(Duration::ZERO, c);
                 }
@@ -165,17 +139,9 @@ impl<T: Transport> Transport for Faulty<T> {
         let deadline = Instant::now() + timeout;
         loop {
             let mut got = Vec::new();
-            let wait = if self.held.is_empty() {
-                timeout
-            } else {
-                Duration::from_millis(1)
-            };
+            let wait = if self.held.is_empty() { timeout } else { Duration::from_millis(1) };
             if self.inner.inflight() > 0 {
-                self.inner.poll(
-                    &mut got,
-                    max,
-                    wait.min(deadline.saturating_duration_since(Instant::now())),
-                )?;
+                self.inner.poll(&mut got, max, wait.min(deadline.saturating_duration_since(Instant::now())))?;
             }
             for mut c in got {
                 if c.result.is_ok() && self.rng.random_bool(self.cfg.error_after) {
@@ -240,19 +206,14 @@ mod tests {
             for wr in batch.drain(..) {
                 let o = wr.addr.offset as usize;
                 let result = match wr.op {
-                    OpKind::Read { len } => Ok(OpOutput::Read(
-                        self.bytes[o..o + len as usize].to_vec().into(),
-                    )),
+                    OpKind::Read { len } => Ok(OpOutput::Read(self.bytes[o..o + len as usize].to_vec().into())),
                     OpKind::Write { data } => {
                         self.bytes[o..o + data.len()].copy_from_slice(&data);
                         Ok(OpOutput::Write)
                     }
                     _ => Err(Error::new(ErrorKind::Unsupported, "no atomics")),
                 };
-                self.done.push(Completion {
-                    wr_id: wr.wr_id,
-                    result,
-                });
+                self.done.push(Completion { wr_id: wr.wr_id, result });
             }
             Ok(n)
         }
@@ -270,29 +231,13 @@ mod tests {
     }
 
     fn addr(offset: u64) -> RemoteAddr {
-        let cred = Credential {
-            lease: LeaseId(1),
-            epoch: Epoch(1),
-            token: Token(1),
-            rkey: 0,
-            base_addr: 0,
-        };
-        RemoteAddr {
-            slab: SlabId(0),
-            offset,
-            cred,
-        }
+        let cred = Credential { lease: LeaseId(1), epoch: Epoch(1), token: Token(1), rkey: 0, base_addr: 0 };
+        RemoteAddr { slab: SlabId(0), offset, cred }
     }
 
     fn writes(n: u64) -> Vec<WorkRequest> {
         (0..n)
-            .map(|i| WorkRequest {
-                wr_id: i,
-                addr: addr(i * 8),
-                op: OpKind::Write {
-                    data: vec![i as u8; 8].into(),
-                },
-            })
+            .map(|i| WorkRequest { wr_id: i, addr: addr(i * 8), op: OpKind::Write { data: vec![i as u8; 8].into() } })
             .collect()
     }
 
@@ -307,58 +252,26 @@ mod tests {
                 delay: Duration::from_millis(2),
                 reorder: true,
             };
-            let mut t = Faulty::new(
-                Mem {
-                    bytes: vec![0; 4096],
-                    done: Vec::new(),
-                },
-                cfg,
-                seed,
-            );
-            let done = t
-                .execute(writes(100))
-                .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            let mut t = Faulty::new(Mem { bytes: vec![0; 4096], done: Vec::new() }, cfg, seed);
+            let done = t.execute(writes(100)).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
             let mut ids: Vec<u64> = done.iter().map(|c| c.wr_id).collect();
             ids.sort_unstable();
             assert_eq!(ids, (0..100).collect::<Vec<_>>(), "seed {seed}");
             let s = t.stats();
             let failed = done.iter().filter(|c| c.result.is_err()).count() as u64;
-            assert_eq!(
-                failed,
-                s.dropped + s.errored + s.errored_after,
-                "seed {seed}"
-            );
+            assert_eq!(failed, s.dropped + s.errored + s.errored_after, "seed {seed}");
         }
     }
 
     #[test]
     fn same_seed_same_faults_and_reordering_happens() {
         let run = |seed| {
-            let cfg = FaultConfig {
-                error: 0.3,
-                reorder: true,
-                ..Default::default()
-            };
-            let mut t = Faulty::new(
-                Mem {
-                    bytes: vec![0; 4096],
-                    done: Vec::new(),
-                },
-                cfg,
-                seed,
-            );
-            t.execute(writes(16))
-                .unwrap()
-                .iter()
-                .map(|c| (c.wr_id, c.result.is_ok()))
-                .collect::<Vec<_>>()
+            let cfg = FaultConfig { error: 0.3, reorder: true, ..Default::default() };
+            let mut t = Faulty::new(Mem { bytes: vec![0; 4096], done: Vec::new() }, cfg, seed);
+            t.execute(writes(16)).unwrap().iter().map(|c| (c.wr_id, c.result.is_ok())).collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         let order: Vec<u64> = run(7).iter().map(|x| x.0).collect();
-        assert_ne!(
-            order,
-            (0..16).collect::<Vec<_>>(),
-            "reorder must change the order"
-        );
+        assert_ne!(order, (0..16).collect::<Vec<_>>(), "reorder must change the order");
     }
 }

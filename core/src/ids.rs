@@ -80,29 +80,18 @@ pub struct RemoteAddr {
 impl RemoteAddr {
     /// The address of byte `offset` of a grant.
     pub fn in_grant(grant: &SlabGrant, offset: u64) -> Self {
-        Self {
-            slab: grant.slab,
-            offset,
-            cred: grant.cred,
-        }
+        Self { slab: grant.slab, offset, cred: grant.cred }
     }
 
     /// The same slab, `delta` bytes further.
     #[must_use]
     pub fn offset_by(self, delta: u64) -> Self {
-        Self {
-            offset: self.offset + delta,
-            ..self
-        }
+        Self { offset: self.offset + delta, ..self }
     }
 }
 
 impl fmt::Display for RemoteAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "lease {} slab {} +{:#x}",
-            self.cred.lease, self.slab, self.offset
-        )
+        write!(f, "lease {} slab {} +{:#x}", self.cred.lease, self.slab, self.offset)
     }
 }

@@ -8,12 +8,7 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let bad = || {
-        Error::new(
-            ErrorKind::Config,
-            format!("invalid size {s:?}: expected e.g. 4GiB, 64MiB, 8KiB or 4096"),
-        )
-    };
+    let bad = || Error::new(ErrorKind::Config, format!("invalid size {s:?}: expected e.g. 4GiB, 64MiB, 8KiB or 4096"));
     let n: u64 = num.parse().map_err(|_| bad())?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
@@ -23,8 +18,7 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
         "t" | "tb" | "tib" => 40,
         _ => return Err(bad()),
     };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| Error::new(ErrorKind::Config, format!("size {s:?} overflows")))
+    n.checked_mul(1u64 << shift).ok_or_else(|| Error::new(ErrorKind::Config, format!("size {s:?} overflows")))
 }
 
 /// Format a byte count with the largest binary unit that divides it evenly (`64MiB`, `1536KiB`, `7B`).

@@ -44,9 +44,7 @@ impl Default for TcpOptions {
 
 /// This host's identity: the kernel boot id (two processes with the same boot id share the host).
 pub fn local_host_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
 /// Resolve `addr` and connect with a bound.
@@ -59,8 +57,7 @@ pub fn connect_bounded(addr: impl ToSocketAddrs, timeout: Duration) -> Result<Tc
     for a in addrs {
         match TcpStream::connect_timeout(&a, timeout) {
             Ok(s) => {
-                s.set_nodelay(true)
-                    .map_err(|e| Error::io("set TCP_NODELAY", e))?;
+                s.set_nodelay(true).map_err(|e| Error::io("set TCP_NODELAY", e))?;
                 return Ok(s);
             }
             Err(e) => last = Error::io(format!("connect to {a}"), e),
@@ -76,40 +73,20 @@ pub fn client_handshake(
     name: &str,
     timeout: Duration,
 ) -> Result<HelloOk> {
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| Error::io("set timeout", e))?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(|e| Error::io("set timeout", e))?;
+    stream.set_read_timeout(Some(timeout)).map_err(|e| Error::io("set timeout", e))?;
+    stream.set_write_timeout(Some(timeout)).map_err(|e| Error::io("set timeout", e))?;
     let mut out = BytesMut::new();
-    let hello = Msg::Hello {
-        magic: wire::MAGIC,
-        version: wire::VERSION,
-        host_id: local_host_id(),
-        name: name.into(),
-    };
+    let hello = Msg::Hello { magic: wire::MAGIC, version: wire::VERSION, host_id: local_host_id(), name: name.into() };
     wire::encode(&hello, &mut out);
-    stream
-        .write_all(&out)
-        .map_err(|e| Error::io("sending handshake", e))?;
+    stream.write_all(&out).map_err(|e| Error::io("sending handshake", e))?;
     match reader.next(stream)? {
         Msg::HelloOk(h) if h.version == wire::VERSION => Ok(h),
         Msg::HelloOk(h) => Err(Error::new(
             ErrorKind::Protocol,
-            format!(
-                "server speaks protocol version {}, we speak {}",
-                h.version,
-                wire::VERSION
-            ),
+            format!("server speaks protocol version {}, we speak {}", h.version, wire::VERSION),
         )),
-        Msg::ErrorReply { kind, message, .. } => {
-            Err(Error::new(kind, format!("handshake refused: {message}")))
-        }
-        other => Err(Error::new(
-            ErrorKind::Protocol,
-            format!("expected HelloOk, got {other:?}"),
-        )),
+        Msg::ErrorReply { kind, message, .. } => Err(Error::new(kind, format!("handshake refused: {message}"))),
+        other => Err(Error::new(ErrorKind::Protocol, format!("expected HelloOk, got {other:?}"))),
     }
 }
 
@@ -134,9 +111,7 @@ impl TcpTransport {
         let mut stream = connect_bounded(addr, opts.connect_timeout)?;
         let mut reader = FrameReader::new();
         let hello = client_handshake(&mut stream, &mut reader, &opts.name, opts.connect_timeout)?;
-        stream
-            .set_write_timeout(Some(opts.op_timeout))
-            .map_err(|e| Error::io("set timeout", e))?;
+        stream.set_write_timeout(Some(opts.op_timeout)).map_err(|e| Error::io("set timeout", e))?;
         Ok(Self {
             stream,
             reader,
@@ -166,10 +141,7 @@ impl TcpTransport {
         self.broken = Some(kind);
         for (id, _) in self.inflight.drain(..) {
             let e = Error::new(kind, format!("operation lost: {why}"));
-            self.ready.push_back(Completion {
-                wr_id: id,
-                result: Err(e),
-            });
+            self.ready.push_back(Completion { wr_id: id, result: Err(e) });
         }
     }
 
@@ -184,10 +156,7 @@ impl TcpTransport {
                 ));
             }
             None => {
-                return Err(Error::new(
-                    ErrorKind::Protocol,
-                    format!("completion {} for nothing in flight", d.id),
-                ));
+                return Err(Error::new(ErrorKind::Protocol, format!("completion {} for nothing in flight", d.id)));
             }
         }
         let result = match d.result {
@@ -196,10 +165,7 @@ impl TcpTransport {
             Ok(OpResult::Value(v)) => Ok(OpOutput::Atomic(v)),
             Err((kind, msg)) => Err(Error::new(kind, msg)),
         };
-        Ok(Completion {
-            wr_id: d.id,
-            result,
-        })
+        Ok(Completion { wr_id: d.id, result })
     }
 
     /// Handle one frame from the server; returns a completion if it was one.
@@ -210,22 +176,15 @@ impl TcpTransport {
                 tracing::info!(grace_ms, "server says goodbye: {reason}");
                 Ok(None)
             }
-            Msg::ErrorReply { kind, message, .. } => Err(Error::new(
-                kind,
-                format!("server closed the endpoint: {message}"),
-            )),
-            other => Err(Error::new(
-                ErrorKind::Protocol,
-                format!("unexpected frame on a data endpoint: {other:?}"),
-            )),
+            Msg::ErrorReply { kind, message, .. } => {
+                Err(Error::new(kind, format!("server closed the endpoint: {message}")))
+            }
+            other => Err(Error::new(ErrorKind::Protocol, format!("unexpected frame on a data endpoint: {other:?}"))),
         }
     }
 
     fn oldest_age(&self) -> Duration {
-        self.inflight
-            .front()
-            .map(|(_, t)| t.elapsed())
-            .unwrap_or_default()
+        self.inflight.front().map(|(_, t)| t.elapsed()).unwrap_or_default()
     }
 }
 
@@ -244,10 +203,7 @@ impl Transport for TcpTransport {
         self.out.clear();
         for wr in batch.drain(..n) {
             if let Err(e) = wr.op.check(&wr.addr) {
-                self.ready.push_back(Completion {
-                    wr_id: wr.wr_id,
-                    result: Err(e),
-                });
+                self.ready.push_back(Completion { wr_id: wr.wr_id, result: Err(e) });
                 continue;
             }
             let op = match wr.op {
@@ -291,10 +247,7 @@ impl Transport for TcpTransport {
                     }
                     let left = self.opts.op_timeout.saturating_sub(self.oldest_age());
                     if left.is_zero() {
-                        self.break_with(
-                            ErrorKind::Timeout,
-                            "server did not answer within op_timeout",
-                        );
+                        self.break_with(ErrorKind::Timeout, "server did not answer within op_timeout");
                         continue;
                     }
                     let wait = timeout.min(left).max(Duration::from_millis(1));

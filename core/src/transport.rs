@@ -98,17 +98,11 @@ impl OpKind {
         if self.len() > u64::from(MAX_OP_LEN) {
             return Err(Error::new(
                 ErrorKind::OutOfRange,
-                format!(
-                    "operation of {} bytes exceeds the per-op maximum of {MAX_OP_LEN}",
-                    self.len()
-                ),
+                format!("operation of {} bytes exceeds the per-op maximum of {MAX_OP_LEN}", self.len()),
             ));
         }
         if self.is_atomic() && !addr.offset.is_multiple_of(8) {
-            return Err(Error::new(
-                ErrorKind::Unaligned,
-                format!("atomic at {addr} is not 8-byte aligned"),
-            ));
+            return Err(Error::new(ErrorKind::Unaligned, format!("atomic at {addr} is not 8-byte aligned")));
         }
         Ok(())
     }
@@ -182,16 +176,9 @@ pub trait Transport: Send {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(Error::new(
-                    ErrorKind::Timeout,
-                    "operations did not complete in time",
-                ));
+                return Err(Error::new(ErrorKind::Timeout, "operations did not complete in time"));
             }
-            self.poll(
-                &mut out,
-                want,
-                (deadline - now).min(Duration::from_millis(100)),
-            )?;
+            self.poll(&mut out, want, (deadline - now).min(Duration::from_millis(100)))?;
         }
         Ok(out)
     }
@@ -199,9 +186,7 @@ pub trait Transport: Send {
     /// Run one request and return its output.
     fn run_one(&mut self, wr: WorkRequest) -> Result<OpOutput> {
         let mut done = self.execute(vec![wr])?;
-        let c = done
-            .pop()
-            .ok_or_else(|| Error::new(ErrorKind::Internal, "no completion"))?;
+        let c = done.pop().ok_or_else(|| Error::new(ErrorKind::Internal, "no completion"))?;
         c.result
     }
 
@@ -211,22 +196,13 @@ pub trait Transport: Send {
         let mut wrs = Vec::new();
         for (i, part) in buf.chunks(chunk).enumerate() {
             let addr = addr.offset_by((i * chunk) as u64);
-            wrs.push(WorkRequest {
-                wr_id: i as u64,
-                addr,
-                op: OpKind::Read {
-                    len: part.len() as u32,
-                },
-            });
+            wrs.push(WorkRequest { wr_id: i as u64, addr, op: OpKind::Read { len: part.len() as u32 } });
         }
         for c in self.execute(wrs)? {
             let data = match c.result? {
                 OpOutput::Read(d) => d,
                 other => {
-                    return Err(Error::new(
-                        ErrorKind::Internal,
-                        format!("read completed as {other:?}"),
-                    ));
+                    return Err(Error::new(ErrorKind::Internal, format!("read completed as {other:?}")));
                 }
             };
             let at = c.wr_id as usize * chunk;
@@ -245,9 +221,7 @@ pub trait Transport: Send {
             .map(|(i, part)| WorkRequest {
                 wr_id: i as u64,
                 addr: addr.offset_by((i * chunk) as u64),
-                op: OpKind::Write {
-                    data: Bytes::copy_from_slice(part),
-                },
+                op: OpKind::Write { data: Bytes::copy_from_slice(part) },
             })
             .collect();
         for c in self.execute(wrs)? {
@@ -258,30 +232,19 @@ pub trait Transport: Send {
 
     /// Compare-and-swap the u64 at `addr`; returns the old value (equal to `expect` iff it swapped).
     fn compare_swap(&mut self, addr: RemoteAddr, expect: u64, new: u64) -> Result<u64> {
-        atomic_value(self.run_one(WorkRequest {
-            wr_id: 0,
-            addr,
-            op: OpKind::CompareSwap { expect, new },
-        })?)
+        atomic_value(self.run_one(WorkRequest { wr_id: 0, addr, op: OpKind::CompareSwap { expect, new } })?)
     }
 
     /// Fetch-and-add on the u64 at `addr`; returns the old value.
     fn fetch_add(&mut self, addr: RemoteAddr, add: u64) -> Result<u64> {
-        atomic_value(self.run_one(WorkRequest {
-            wr_id: 0,
-            addr,
-            op: OpKind::FetchAdd { add },
-        })?)
+        atomic_value(self.run_one(WorkRequest { wr_id: 0, addr, op: OpKind::FetchAdd { add } })?)
     }
 }
 
 fn atomic_value(o: OpOutput) -> Result<u64> {
     match o {
         OpOutput::Atomic(v) => Ok(v),
-        other => Err(Error::new(
-            ErrorKind::Internal,
-            format!("atomic completed as {other:?}"),
-        )),
+        other => Err(Error::new(ErrorKind::Internal, format!("atomic completed as {other:?}"))),
     }
 }
 
@@ -329,9 +292,7 @@ pub struct AsyncTransport<T> {
 #[cfg(feature = "tokio")]
 impl<T> Clone for AsyncTransport<T> {
     fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-        }
+        Self { inner: self.inner.clone() }
     }
 }
 
@@ -339,15 +300,10 @@ impl<T> Clone for AsyncTransport<T> {
 impl<T: Transport + 'static> AsyncTransport<T> {
     /// Wrap an endpoint.
     pub fn new(t: T) -> Self {
-        Self {
-            inner: std::sync::Arc::new(parking_lot::Mutex::new(t)),
-        }
+        Self { inner: std::sync::Arc::new(parking_lot::Mutex::new(t)) }
     }
 
-    async fn run<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut T) -> Result<R> + Send + 'static,
-    ) -> Result<R> {
+    async fn run<R: Send + 'static>(&self, f: impl FnOnce(&mut T) -> Result<R> + Send + 'static) -> Result<R> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || f(&mut inner.lock()))
             .await

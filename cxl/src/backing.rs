@@ -63,10 +63,7 @@ impl std::str::FromStr for Backing {
         match s {
             "anon" => Ok(Self::Anon),
             "memfd" => Ok(Self::Memfd),
-            other => Err(Error::new(
-                ErrorKind::Config,
-                format!("unknown backing {other:?}: expected anon or memfd"),
-            )),
+            other => Err(Error::new(ErrorKind::Config, format!("unknown backing {other:?}: expected anon or memfd"))),
         }
     }
 }
@@ -86,8 +83,7 @@ impl Backing {
         if len == 0 {
             return Err(Error::new(ErrorKind::Config, "cannot map an empty region"));
         }
-        let want_huge = len.is_multiple_of(HUGE_PAGE_SIZE)
-            && free_huge_pages() * HUGE_PAGE_SIZE as u64 >= len as u64;
+        let want_huge = len.is_multiple_of(HUGE_PAGE_SIZE) && free_huge_pages() * HUGE_PAGE_SIZE as u64 >= len as u64;
         let (region, huge) = match self {
             Self::Anon => map_anon(len, want_huge)?,
             Self::Memfd => map_memfd(len, name, want_huge)?,
@@ -99,42 +95,21 @@ impl Backing {
 
 fn os_err(what: &str) -> Error {
     let e = std::io::Error::last_os_error();
-    let kind = if e.raw_os_error() == Some(libc::ENOMEM) {
-        ErrorKind::NoSpace
-    } else {
-        ErrorKind::Io
-    };
+    let kind = if e.raw_os_error() == Some(libc::ENOMEM) { ErrorKind::NoSpace } else { ErrorKind::Io };
     Error::new(kind, what.to_owned()).with_source(e)
 }
 
 /// mmap with the given flags and fd, returning the pointer.
 fn mmap(len: usize, flags: libc::c_int, fd: libc::c_int) -> Option<NonNull<u8>> {
     // SAFETY: a fresh mapping at a kernel-chosen address; no existing memory is affected.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-            fd,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        None
-    } else {
-        NonNull::new(p.cast())
-    }
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
+    if p == libc::MAP_FAILED { None } else { NonNull::new(p.cast()) }
 }
 
 fn advise_thp(p: NonNull<u8>, len: usize) -> HugePages {
     // SAFETY: advice on a mapping we just created; it does not change memory contents.
     let rc = unsafe { libc::madvise(p.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
-    if rc == 0 {
-        HugePages::Thp
-    } else {
-        HugePages::None
-    }
+    if rc == 0 { HugePages::Thp } else { HugePages::None }
 }
 
 fn round_up(len: usize, to: usize) -> usize {
@@ -155,16 +130,12 @@ fn map_anon(len: usize, want_huge: bool) -> Result<(Region, HugePages)> {
     let p = mmap(len, base, -1).ok_or_else(|| os_err("mmap of the anonymous pool failed"))?;
     let huge = advise_thp(p, len);
     // SAFETY: fresh mapping of `len` bytes, owned by the region from here on.
-    Ok((
-        unsafe { Region::from_raw(p, len, None, format!("anon {len} bytes ({huge:?})")) },
-        huge,
-    ))
+    Ok((unsafe { Region::from_raw(p, len, None, format!("anon {len} bytes ({huge:?})")) }, huge))
 }
 
 /// Create a memfd of `len` bytes.
 pub fn memfd(name: &str, len: usize, hugetlb: bool) -> Result<OwnedFd> {
-    let cname = CString::new(name)
-        .map_err(|_| Error::new(ErrorKind::Config, "memfd name has a NUL byte"))?;
+    let cname = CString::new(name).map_err(|_| Error::new(ErrorKind::Config, "memfd name has a NUL byte"))?;
     let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
     if hugetlb {
         flags = libc::MFD_CLOEXEC | libc::MFD_HUGETLB;
@@ -186,22 +157,18 @@ pub fn memfd(name: &str, len: usize, hugetlb: bool) -> Result<OwnedFd> {
 fn map_memfd(len: usize, name: &str, want_huge: bool) -> Result<(Region, HugePages)> {
     if want_huge {
         let len = round_up(len, HUGE_PAGE_SIZE);
-        if let Ok(fd) = memfd(name, len, true) {
-            if let Some(p) = mmap(len, libc::MAP_SHARED, fd.as_raw_fd()) {
-                let desc = format!("memfd {name:?} hugetlb {len} bytes");
-                // SAFETY: fresh shared mapping of `len` bytes of our memfd, owned by the region.
-                return Ok((
-                    unsafe { Region::from_raw(p, len, Some(fd), desc) },
-                    HugePages::Hugetlb,
-                ));
-            }
+        if let Ok(fd) = memfd(name, len, true)
+            && let Some(p) = mmap(len, libc::MAP_SHARED, fd.as_raw_fd())
+        {
+            let desc = format!("memfd {name:?} hugetlb {len} bytes");
+            // SAFETY: fresh shared mapping of `len` bytes of our memfd, owned by the region.
+            return Ok((unsafe { Region::from_raw(p, len, Some(fd), desc) }, HugePages::Hugetlb));
         }
         tracing::info!("hugetlb memfd failed, falling back to THP");
     }
     let len = round_up(len, page_size());
     let fd = memfd(name, len, false)?;
-    let p = mmap(len, libc::MAP_SHARED, fd.as_raw_fd())
-        .ok_or_else(|| os_err("mmap of memfd failed"))?;
+    let p = mmap(len, libc::MAP_SHARED, fd.as_raw_fd()).ok_or_else(|| os_err("mmap of memfd failed"))?;
     let huge = advise_thp(p, len);
     let desc = format!("memfd {name:?} {len} bytes ({huge:?})");
     // SAFETY: fresh shared mapping of `len` bytes of our memfd, owned by the region.

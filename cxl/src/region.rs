@@ -36,12 +36,7 @@ impl Region {
     /// # Safety
     /// `ptr..ptr+len` must be a live mapping created by `mmap` that nothing else unmaps, readable and
     /// writable, and `len > 0`. The region unmaps it on drop.
-    pub unsafe fn from_raw(
-        ptr: NonNull<u8>,
-        len: usize,
-        fd: Option<OwnedFd>,
-        desc: String,
-    ) -> Self {
+    pub unsafe fn from_raw(ptr: NonNull<u8>, len: usize, fd: Option<OwnedFd>, desc: String) -> Self {
         assert!(len > 0);
         Self { ptr, len, fd, desc }
     }
@@ -79,20 +74,14 @@ impl Region {
             Some(end) if end <= self.len => Ok(end - len),
             _ => Err(Error::new(
                 ErrorKind::OutOfRange,
-                format!(
-                    "range {offset}+{len} is outside the region of {} bytes",
-                    self.len
-                ),
+                format!("range {offset}+{len} is outside the region of {} bytes", self.len),
             )),
         }
     }
 
     fn atomic(&self, offset: u64) -> Result<&AtomicU64> {
         if !offset.is_multiple_of(8) {
-            return Err(Error::new(
-                ErrorKind::Unaligned,
-                format!("atomic at offset {offset} is not 8-byte aligned"),
-            ));
+            return Err(Error::new(ErrorKind::Unaligned, format!("atomic at offset {offset} is not 8-byte aligned")));
         }
         let o = self.check(offset, 8)?;
         // SAFETY: in bounds (checked), 8-aligned (mapping is page-aligned and offset % 8 == 0), and the
@@ -105,9 +94,7 @@ impl Region {
         let o = self.check(offset, dst.len())?;
         // SAFETY: source range checked in bounds of the live mapping; `dst` is a distinct Rust buffer,
         // so the ranges do not overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(o), dst.as_mut_ptr(), dst.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(o), dst.as_mut_ptr(), dst.len()) };
         Ok(())
     }
 
@@ -131,11 +118,9 @@ impl Region {
     /// 8-byte compare-and-swap at an aligned offset; returns the previous value.
     pub fn compare_swap_u64(&self, offset: u64, expect: u64, new: u64) -> Result<u64> {
         let a = self.atomic(offset)?;
-        Ok(
-            match a.compare_exchange(expect, new, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(v) | Err(v) => v,
-            },
-        )
+        Ok(match a.compare_exchange(expect, new, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(v) | Err(v) => v,
+        })
     }
 
     /// 8-byte fetch-and-add (wrapping) at an aligned offset; returns the previous value.
@@ -154,16 +139,11 @@ impl Region {
     pub fn discard(&self, offset: u64, len: usize) -> Result<()> {
         let o = self.check(offset, len)?;
         let page = crate::backing::page_size();
-        assert!(
-            o.is_multiple_of(page) && len.is_multiple_of(page),
-            "discard of {o}+{len} is not page-aligned"
-        );
+        assert!(o.is_multiple_of(page) && len.is_multiple_of(page), "discard of {o}+{len} is not page-aligned");
         if let Some(fd) = &self.fd {
             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
             // SAFETY: plain syscall on an fd we own; no memory is passed.
-            let rc = unsafe {
-                libc::fallocate(fd.as_raw_fd(), mode, o as libc::off_t, len as libc::off_t)
-            };
+            let rc = unsafe { libc::fallocate(fd.as_raw_fd(), mode, o as libc::off_t, len as libc::off_t) };
             if rc == 0 {
                 return Ok(());
             }
@@ -171,8 +151,7 @@ impl Region {
             return self.zero(offset, len);
         }
         // SAFETY: range in bounds of our private anonymous mapping; after DONTNEED it reads as zeros.
-        let rc =
-            unsafe { libc::madvise(self.ptr.as_ptr().add(o).cast(), len, libc::MADV_DONTNEED) };
+        let rc = unsafe { libc::madvise(self.ptr.as_ptr().add(o).cast(), len, libc::MADV_DONTNEED) };
         if rc != 0 {
             return self.zero(offset, len);
         }
@@ -200,18 +179,9 @@ mod tests {
             let mut buf = [0u8; 5];
             r.read_at(10, &mut buf).unwrap();
             assert_eq!(&buf, b"hello");
-            assert_eq!(
-                r.read_at((1 << 20) - 2, &mut buf).unwrap_err().kind(),
-                ErrorKind::OutOfRange
-            );
-            assert_eq!(
-                r.write_at(u64::MAX, b"x").unwrap_err().kind(),
-                ErrorKind::OutOfRange
-            );
-            assert_eq!(
-                r.fetch_add_u64(4, 1).unwrap_err().kind(),
-                ErrorKind::Unaligned
-            );
+            assert_eq!(r.read_at((1 << 20) - 2, &mut buf).unwrap_err().kind(), ErrorKind::OutOfRange);
+            assert_eq!(r.write_at(u64::MAX, b"x").unwrap_err().kind(), ErrorKind::OutOfRange);
+            assert_eq!(r.fetch_add_u64(4, 1).unwrap_err().kind(), ErrorKind::Unaligned);
             assert_eq!(r.fetch_add_u64(64, 5).unwrap(), 0);
             assert_eq!(r.compare_swap_u64(64, 5, 9).unwrap(), 5);
             assert_eq!(r.compare_swap_u64(64, 5, 11).unwrap(), 9);

@@ -59,10 +59,7 @@ fn start_frame(out: &mut BytesMut) -> usize {
 
 fn finish_frame(out: &mut BytesMut, at: usize) {
     let body = out.len() - at - 4;
-    assert!(
-        body <= MAX_FRAME_LEN as usize,
-        "encoded frame of {body} bytes exceeds MAX_FRAME_LEN"
-    );
+    assert!(body <= MAX_FRAME_LEN as usize, "encoded frame of {body} bytes exceeds MAX_FRAME_LEN");
     out[at..at + 4].copy_from_slice(&(body as u32).to_le_bytes());
 }
 
@@ -168,12 +165,7 @@ pub fn encode(msg: &Msg, out: &mut BytesMut) {
 
 fn encode_body(msg: &Msg, out: &mut BytesMut) {
     match msg {
-        Msg::Hello {
-            magic,
-            version,
-            host_id,
-            name,
-        } => {
+        Msg::Hello { magic, version, host_id, name } => {
             out.put_u8(tag::HELLO);
             out.put_u32_le(*magic);
             out.put_u16_le(*version);
@@ -225,21 +217,13 @@ fn encode_body(msg: &Msg, out: &mut BytesMut) {
                 put_cred(out, &s.cred);
             }
         }
-        Msg::Renewed {
-            req,
-            lease,
-            expires_in_ms,
-        } => {
+        Msg::Renewed { req, lease, expires_in_ms } => {
             req_lease(out, tag::RENEWED, *req, *lease);
             out.put_u64_le(*expires_in_ms);
         }
         Msg::Ack { req } => req_only(out, tag::ACK, *req),
         Msg::OpDone(d) => encode_op_done(out, d),
-        Msg::RevokeNotice {
-            lease,
-            slabs,
-            grace_ms,
-        } => {
+        Msg::RevokeNotice { lease, slabs, grace_ms } => {
             out.put_u8(tag::REVOKE_NOTICE);
             out.put_u64_le(lease.0);
             put_slabs(out, slabs);
@@ -331,9 +315,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Msg>> {
         return Err(protocol("empty frame"));
     }
     if len > MAX_FRAME_LEN {
-        return Err(protocol(format!(
-            "frame of {len} bytes exceeds the maximum of {MAX_FRAME_LEN}"
-        )));
+        return Err(protocol(format!("frame of {len} bytes exceeds the maximum of {MAX_FRAME_LEN}")));
     }
     let total = 4 + len as usize;
     if buf.len() < total {
@@ -344,10 +326,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Msg>> {
     let mut r = Reader(frame.slice(4..));
     let msg = r.msg()?;
     if !r.0.is_empty() {
-        return Err(protocol(format!(
-            "{} trailing bytes after message",
-            r.0.len()
-        )));
+        return Err(protocol(format!("{} trailing bytes after message", r.0.len())));
     }
     Ok(Some(msg))
 }
@@ -389,9 +368,7 @@ impl Reader {
     fn string(&mut self) -> Result<String> {
         let n = usize::from(self.u16()?);
         if n > MAX_STR_LEN {
-            return Err(protocol(format!(
-                "string of {n} bytes exceeds {MAX_STR_LEN}"
-            )));
+            return Err(protocol(format!("string of {n} bytes exceeds {MAX_STR_LEN}")));
         }
         self.need(n, "string")?;
         let b = self.0.split_to(n);
@@ -401,9 +378,7 @@ impl Reader {
     fn count(&mut self, elem: usize) -> Result<usize> {
         let n = self.u32()? as usize;
         if n > MAX_LIST_LEN || n.saturating_mul(elem) > self.0.remaining() {
-            return Err(protocol(format!(
-                "list of {n} elements does not fit the frame"
-            )));
+            return Err(protocol(format!("list of {n} elements does not fit the frame")));
         }
         Ok(n)
     }
@@ -428,32 +403,16 @@ impl Reader {
     fn msg(&mut self) -> Result<Msg> {
         let t = self.u8()?;
         Ok(match t {
-            tag::HELLO => Msg::Hello {
-                magic: self.u32()?,
-                version: self.u16()?,
-                host_id: self.string()?,
-                name: self.string()?,
-            },
-            tag::LEASE_REQUEST => Msg::LeaseRequest {
-                req: self.u64()?,
-                slabs: self.u32()?,
-                flags: self.u32()?,
-            },
-            tag::RENEW => Msg::Renew {
-                req: self.u64()?,
-                lease: LeaseId(self.u64()?),
-            },
-            tag::RELEASE => Msg::Release {
-                req: self.u64()?,
-                lease: LeaseId(self.u64()?),
-            },
+            tag::HELLO => {
+                Msg::Hello { magic: self.u32()?, version: self.u16()?, host_id: self.string()?, name: self.string()? }
+            }
+            tag::LEASE_REQUEST => Msg::LeaseRequest { req: self.u64()?, slabs: self.u32()?, flags: self.u32()? },
+            tag::RENEW => Msg::Renew { req: self.u64()?, lease: LeaseId(self.u64()?) },
+            tag::RELEASE => Msg::Release { req: self.u64()?, lease: LeaseId(self.u64()?) },
             tag::OP => Msg::Op(self.op()?),
             tag::ADMIN => self.admin()?,
             tag::PING => Msg::Ping { req: self.u64()? },
-            tag::RDMA_CONNECT => Msg::RdmaConnect {
-                req: self.u64()?,
-                info: self.bytes(MAX_STR_LEN)?,
-            },
+            tag::RDMA_CONNECT => Msg::RdmaConnect { req: self.u64()?, info: self.bytes(MAX_STR_LEN)? },
             tag::HELLO_OK => Msg::HelloOk(HelloOk {
                 version: self.u16()?,
                 server_id: ServerId(self.u64()?),
@@ -463,48 +422,23 @@ impl Reader {
                 slab_size: self.u64()?,
             }),
             tag::LEASE_GRANTED => self.lease_granted()?,
-            tag::RENEWED => Msg::Renewed {
-                req: self.u64()?,
-                lease: LeaseId(self.u64()?),
-                expires_in_ms: self.u64()?,
-            },
+            tag::RENEWED => Msg::Renewed { req: self.u64()?, lease: LeaseId(self.u64()?), expires_in_ms: self.u64()? },
             tag::ACK => Msg::Ack { req: self.u64()? },
             tag::OP_DONE => Msg::OpDone(self.op_done()?),
-            tag::REVOKE_NOTICE => Msg::RevokeNotice {
-                lease: LeaseId(self.u64()?),
-                slabs: self.slabs()?,
-                grace_ms: self.u64()?,
-            },
-            tag::REVOKED => Msg::Revoked {
-                lease: LeaseId(self.u64()?),
-                slabs: self.slabs()?,
-            },
+            tag::REVOKE_NOTICE => {
+                Msg::RevokeNotice { lease: LeaseId(self.u64()?), slabs: self.slabs()?, grace_ms: self.u64()? }
+            }
+            tag::REVOKED => Msg::Revoked { lease: LeaseId(self.u64()?), slabs: self.slabs()? },
             tag::ADMIN_REPLY => {
                 let req = self.u64()?;
                 let n = self.count(2 + 8)?;
-                let stats = (0..n)
-                    .map(|_| Ok((self.string()?, self.u64()?)))
-                    .collect::<Result<_>>()?;
-                Msg::AdminReply {
-                    req,
-                    stats,
-                    text: self.string()?,
-                }
+                let stats = (0..n).map(|_| Ok((self.string()?, self.u64()?))).collect::<Result<_>>()?;
+                Msg::AdminReply { req, stats, text: self.string()? }
             }
-            tag::ERROR_REPLY => Msg::ErrorReply {
-                req: self.u64()?,
-                kind: self.kind()?,
-                message: self.string()?,
-            },
-            tag::GOODBYE => Msg::Goodbye {
-                reason: self.string()?,
-                grace_ms: self.u64()?,
-            },
+            tag::ERROR_REPLY => Msg::ErrorReply { req: self.u64()?, kind: self.kind()?, message: self.string()? },
+            tag::GOODBYE => Msg::Goodbye { reason: self.string()?, grace_ms: self.u64()? },
             tag::PONG => Msg::Pong { req: self.u64()? },
-            tag::RDMA_ACCEPTED => Msg::RdmaAccepted {
-                req: self.u64()?,
-                info: self.bytes(MAX_STR_LEN)?,
-            },
+            tag::RDMA_ACCEPTED => Msg::RdmaAccepted { req: self.u64()?, info: self.bytes(MAX_STR_LEN)? },
             other => return Err(protocol(format!("unknown message tag {other:#04x}"))),
         })
     }
@@ -518,27 +452,16 @@ impl Reader {
             opcode::READ => {
                 let len = self.u32()?;
                 if len > MAX_OP_LEN {
-                    return Err(protocol(format!(
-                        "read of {len} bytes exceeds {MAX_OP_LEN}"
-                    )));
+                    return Err(protocol(format!("read of {len} bytes exceeds {MAX_OP_LEN}")));
                 }
                 WireOp::Read { len }
             }
-            opcode::WRITE => WireOp::Write {
-                data: self.bytes(MAX_OP_LEN as usize)?,
-            },
-            opcode::CAS => WireOp::CompareSwap {
-                expect: self.u64()?,
-                new: self.u64()?,
-            },
+            opcode::WRITE => WireOp::Write { data: self.bytes(MAX_OP_LEN as usize)? },
+            opcode::CAS => WireOp::CompareSwap { expect: self.u64()?, new: self.u64()? },
             opcode::FAA => WireOp::FetchAdd { add: self.u64()? },
             other => return Err(protocol(format!("unknown opcode {other}"))),
         };
-        Ok(OpReq {
-            id,
-            addr: RemoteAddr { slab, offset, cred },
-            op,
-        })
+        Ok(OpReq { id, addr: RemoteAddr { slab, offset, cred }, op })
     }
 
     fn admin(&mut self) -> Result<Msg> {
@@ -565,20 +488,9 @@ impl Reader {
         let expires_in_ms = self.u64()?;
         let n = self.count(4 + 8 + 36)?;
         let grants = (0..n)
-            .map(|_| {
-                Ok(SlabGrant {
-                    slab: SlabId(self.u32()?),
-                    len: self.u64()?,
-                    cred: self.cred()?,
-                })
-            })
+            .map(|_| Ok(SlabGrant { slab: SlabId(self.u32()?), len: self.u64()?, cred: self.cred()? }))
             .collect::<Result<_>>()?;
-        Ok(Msg::LeaseGranted(LeaseGrant {
-            req,
-            lease,
-            expires_in_ms,
-            grants,
-        }))
+        Ok(Msg::LeaseGranted(LeaseGrant { req, lease, expires_in_ms, grants }))
     }
 
     fn op_done(&mut self) -> Result<OpDone> {
@@ -592,8 +504,7 @@ impl Reader {
                 other => return Err(protocol(format!("unknown result tag {other}"))),
             })
         } else {
-            let kind = ErrorKind::from_code(status)
-                .ok_or_else(|| protocol(format!("unknown status {status}")))?;
+            let kind = ErrorKind::from_code(status).ok_or_else(|| protocol(format!("unknown status {status}")))?;
             Err((kind, self.string()?))
         };
         Ok(OpDone { id, result })
@@ -622,10 +533,7 @@ impl FrameReader {
 
     /// A reader with an empty buffer.
     pub fn new() -> Self {
-        Self {
-            buf: BytesMut::with_capacity(Self::CHUNK),
-            scratch: vec![0; Self::CHUNK].into_boxed_slice(),
-        }
+        Self { buf: BytesMut::with_capacity(Self::CHUNK), scratch: vec![0; Self::CHUNK].into_boxed_slice() }
     }
 
     /// Decode a frame already buffered, without reading.

@@ -5,20 +5,13 @@ use super::*;
 use crate::ids::*;
 
 fn arb_cred() -> impl Strategy<Value = Credential> {
-    (
-        any::<u64>(),
-        any::<u64>(),
-        any::<u64>(),
-        any::<u32>(),
-        any::<u64>(),
-    )
-        .prop_map(|(l, e, t, r, b)| Credential {
-            lease: LeaseId(l),
-            epoch: Epoch(e),
-            token: Token(t),
-            rkey: r,
-            base_addr: b,
-        })
+    (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>(), any::<u64>()).prop_map(|(l, e, t, r, b)| Credential {
+        lease: LeaseId(l),
+        epoch: Epoch(e),
+        token: Token(t),
+        rkey: r,
+        base_addr: b,
+    })
 }
 
 fn arb_kind() -> impl Strategy<Value = ErrorKind> {
@@ -47,34 +40,17 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
             host_id,
             name
         }),
-        (any::<u64>(), any::<u32>(), any::<u32>())
-            .prop_map(|(req, slabs, flags)| Msg::LeaseRequest { req, slabs, flags }),
-        (any::<u64>(), any::<u64>()).prop_map(|(req, l)| Msg::Renew {
+        (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(req, slabs, flags)| Msg::LeaseRequest {
             req,
-            lease: LeaseId(l)
+            slabs,
+            flags
         }),
-        (
-            any::<u64>(),
-            any::<u32>(),
-            any::<u64>(),
-            arb_cred(),
-            arb_op()
-        )
-            .prop_map(|(id, slab, offset, cred, op)| {
-                Msg::Op(OpReq {
-                    id,
-                    addr: RemoteAddr {
-                        slab: SlabId(slab),
-                        offset,
-                        cred,
-                    },
-                    op,
-                })
-            }),
-        (any::<u64>(), any::<u32>(), any::<u64>()).prop_map(|(req, slabs, grace_ms)| Msg::Admin {
-            req,
-            cmd: AdminCmd::Shrink { slabs, grace_ms }
+        (any::<u64>(), any::<u64>()).prop_map(|(req, l)| Msg::Renew { req, lease: LeaseId(l) }),
+        (any::<u64>(), any::<u32>(), any::<u64>(), arb_cred(), arb_op()).prop_map(|(id, slab, offset, cred, op)| {
+            Msg::Op(OpReq { id, addr: RemoteAddr { slab: SlabId(slab), offset, cred }, op })
         }),
+        (any::<u64>(), any::<u32>(), any::<u64>())
+            .prop_map(|(req, slabs, grace_ms)| Msg::Admin { req, cmd: AdminCmd::Shrink { slabs, grace_ms } }),
         (
             any::<u64>(),
             any::<u64>(),
@@ -85,50 +61,17 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
                 req,
                 lease: LeaseId(l),
                 expires_in_ms: e,
-                grants: g
-                    .into_iter()
-                    .map(|(s, len, cred)| SlabGrant {
-                        slab: SlabId(s),
-                        len,
-                        cred
-                    })
-                    .collect(),
+                grants: g.into_iter().map(|(s, len, cred)| SlabGrant { slab: SlabId(s), len, cred }).collect(),
             })),
-        (any::<u64>(), arb_bytes()).prop_map(|(id, b)| Msg::OpDone(OpDone {
-            id,
-            result: Ok(OpResult::Data(b))
-        })),
-        (any::<u64>(), any::<u64>()).prop_map(|(id, v)| Msg::OpDone(OpDone {
-            id,
-            result: Ok(OpResult::Value(v))
-        })),
-        (any::<u64>(), arb_kind(), s).prop_map(|(id, k, m)| Msg::OpDone(OpDone {
-            id,
-            result: Err((k, m))
-        })),
-        (
-            any::<u64>(),
-            prop::collection::vec(any::<u32>(), 0..10),
-            any::<u64>()
-        )
-            .prop_map(|(l, s, g)| {
-                Msg::RevokeNotice {
-                    lease: LeaseId(l),
-                    slabs: s.into_iter().map(SlabId).collect(),
-                    grace_ms: g,
-                }
-            }),
-        (
-            any::<u64>(),
-            prop::collection::vec((s, any::<u64>()), 0..5),
-            s
-        )
-            .prop_map(|(req, stats, text)| { Msg::AdminReply { req, stats, text } }),
-        (any::<u64>(), arb_kind(), s).prop_map(|(req, kind, message)| Msg::ErrorReply {
-            req,
-            kind,
-            message
+        (any::<u64>(), arb_bytes()).prop_map(|(id, b)| Msg::OpDone(OpDone { id, result: Ok(OpResult::Data(b)) })),
+        (any::<u64>(), any::<u64>()).prop_map(|(id, v)| Msg::OpDone(OpDone { id, result: Ok(OpResult::Value(v)) })),
+        (any::<u64>(), arb_kind(), s).prop_map(|(id, k, m)| Msg::OpDone(OpDone { id, result: Err((k, m)) })),
+        (any::<u64>(), prop::collection::vec(any::<u32>(), 0..10), any::<u64>()).prop_map(|(l, s, g)| {
+            Msg::RevokeNotice { lease: LeaseId(l), slabs: s.into_iter().map(SlabId).collect(), grace_ms: g }
         }),
+        (any::<u64>(), prop::collection::vec((s, any::<u64>()), 0..5), s)
+            .prop_map(|(req, stats, text)| { Msg::AdminReply { req, stats, text } }),
+        (any::<u64>(), arb_kind(), s).prop_map(|(req, kind, message)| Msg::ErrorReply { req, kind, message }),
         (s, any::<u64>()).prop_map(|(reason, grace_ms)| Msg::Goodbye { reason, grace_ms }),
         (any::<u64>(), arb_bytes()).prop_map(|(req, info)| Msg::RdmaConnect { req, info }),
         (any::<u16>(), any::<u64>(), s, any::<u32>(), s, any::<u64>()).prop_map(
@@ -200,22 +143,13 @@ fn oversized_length_prefix_is_rejected_before_buffering() {
     let mut buf = BytesMut::from(&(MAX_FRAME_LEN + 1).to_le_bytes()[..]);
     let e = decode(&mut buf).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Protocol);
-    assert!(
-        buf.capacity() < 1 << 20,
-        "must not reserve what the peer claims"
-    );
+    assert!(buf.capacity() < 1 << 20, "must not reserve what the peer claims");
 }
 
 #[test]
 fn lying_list_count_is_rejected() {
     let mut buf = BytesMut::new();
-    encode(
-        &Msg::Revoked {
-            lease: LeaseId(1),
-            slabs: vec![SlabId(1)],
-        },
-        &mut buf,
-    );
+    encode(&Msg::Revoked { lease: LeaseId(1), slabs: vec![SlabId(1)] }, &mut buf);
     // patch the count (after len(4) + tag(1) + lease(8)) to claim a billion entries
     buf[13..17].copy_from_slice(&1_000_000_000u32.to_le_bytes());
     assert_eq!(decode(&mut buf).unwrap_err().kind(), ErrorKind::Protocol);
@@ -242,12 +176,6 @@ fn read_completion_filled_in_place() {
     .unwrap();
     assert!(encode_op_done_read(&mut buf, 10, 4, |_| Err(())).is_err());
     let m = decode(&mut buf).unwrap().unwrap();
-    assert_eq!(
-        m,
-        Msg::OpDone(OpDone {
-            id: 9,
-            result: Ok(OpResult::Data(Bytes::from_static(b"abcd")))
-        })
-    );
+    assert_eq!(m, Msg::OpDone(OpDone { id: 9, result: Ok(OpResult::Data(Bytes::from_static(b"abcd"))) }));
     assert!(buf.is_empty(), "a failed fill leaves nothing behind");
 }
