@@ -30,8 +30,7 @@ fi
 
 MIRROR=$(vm_mirror)
 TRX=$(vm_apt_opts apt-trixie)
-ls "$VM_DIR/apt-trixie/lists/" 2>/dev/null | grep -q 'trixie_main_binary-amd64_Packages' \
-  || vm_die "no trixie apt lists in $VM_DIR/apt-trixie: run tests/vm/setup-host.sh first"
+vm_has_lists apt-trixie trixie || vm_die "no trixie apt lists in $VM_DIR/apt-trixie: run tests/vm/setup-host.sh first"
 command -v debootstrap >/dev/null || vm_die "debootstrap missing: run tests/vm/setup-host.sh first"
 B=$VM_DIR/image.new
 rm -rf "$B"; mkdir -p "$B/debs"

@@ -1,9 +1,13 @@
+# shellcheck shell=bash disable=SC2034
 # Sourced by the host-side scripts of the VM harness (not executable on its own).
 # Defines: VM_DIR (cache), VM_IMG (built image), mirror detection, private apt options, a step timer.
 VM_DIR=${FARPOOL_VM_DIR:-/tmp/farpool-vm}
 VM_IMG=$VM_DIR/image
 VM_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
+vm_has_lists() { # vm_has_lists NAME SUITE: private apt lists hold SUITE's main Packages index
+  compgen -G "$VM_DIR/$1/lists/*_dists_$2_main_binary-amd64_Packages*" >/dev/null
+}
 vm_die() { echo "vm: ERROR: $*" >&2; exit 1; }
 
 # All "deb" URIs of this machine's apt sources (deb822 *.sources and one-line *.list), in order.

@@ -29,7 +29,7 @@ for a in "$@"; do
 done
 
 if [ $BUILD = 1 ]; then
-  if ! command -v qemu-system-x86_64 >/dev/null || ! ls "$VM_DIR/apt-trixie/lists/" 2>/dev/null | grep -q Packages; then
+  if ! command -v qemu-system-x86_64 >/dev/null || ! vm_has_lists apt-trixie trixie; then
     "$S/setup-host.sh"
   fi
   "$S/build-image.sh"
@@ -80,12 +80,12 @@ QARGS=(
   -device cxl-rp,port=0,bus=cxl.1,id=root_port13,chassis=0,slot=2
   -device cxl-type3,bus=root_port13,volatile-memdev=cxlvmem0,id=cxl-vmem0
 )
-LOG=${FARPOOL_VM_LOG:-$VM_DIR/logs/run-$(date +%Y%m%d-%H%M%S).log}
+LOG=${FARPOOL_VM_LOG:-$VM_DIR/logs/run-$(date +%Y%m%d-%H%M%S)-$$.log}
 mkdir -p "$(dirname "$LOG")"; : >"$LOG"
 PASS=0; FAIL=0; SKIP=0; NRES=0; DONE=0; PANIC=""; SUITE=""; STIME=""; SRES=0; SFAIL=0
 result() { # result LINE: print and count one RESULT line
-  local _r name status why
-  read -r _r name status why <<<"$1"
+  local status
+  read -r _ _ status _ <<<"$1"
   echo "$1"; NRES=$((NRES + 1)); SRES=$((SRES + 1))
   case $status in
     PASS) PASS=$((PASS + 1)) ;;
@@ -114,7 +114,7 @@ MEM=4G CPU=max,hypervisor=off SHARE=$SHARE TIMEOUT=${FARPOOL_VM_TIMEOUT:-1200} \
         elif [ $SRES = 0 ]; then result "RESULT suite-$SUITE FAIL printed no RESULT line"; fi
         SUITE="" ;;
       GUEST-DONE*) DONE=1; echo "$line" ;;
-      GUEST-INIT*|HOST:*) echo "$line" ;;
+      GUEST-INIT*|HOST:*|"vm: "*|qemu-system-x86_64:*) echo "$line" ;;
       *"Kernel panic"*) PANIC=$line; echo "$line" ;;
     esac
   done

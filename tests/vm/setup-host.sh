@@ -23,13 +23,20 @@ echo "deb [signed-by=$VM_KEYRING] $MIRROR trixie main" > "$VM_DIR/apt-trixie/sou
 BPO=$(vm_apt_opts apt); TRX=$(vm_apt_opts apt-trixie)
 
 vm_step "apt-get update (bookworm + backports, trixie; private lists)"
-# apt-get update exits 100 when an index cannot be fetched; check the lists too, in case it did not.
-timeout 600 apt-get $BPO update -q || vm_die "apt-get update failed: mirror $MIRROR unreachable?"
-timeout 600 apt-get $TRX update -q || vm_die "apt-get update (trixie) failed: mirror $MIRROR unreachable?"
-ls "$VM_DIR/apt/lists/" | grep -q 'bookworm-backports_main_binary-amd64_Packages' \
-  || vm_die "no bookworm-backports index after apt-get update"
-ls "$VM_DIR/apt-trixie/lists/" | grep -q 'trixie_main_binary-amd64_Packages' \
-  || vm_die "no trixie index after apt-get update"
+# A plain `apt-get update` exits 0 when the mirror is unreachable (it only warns and keeps old lists):
+# --error-on=any makes any failed fetch an error, and the output is checked as well.
+apt_update() { # apt_update NAME OPTS
+  local out=$VM_DIR/$1/update.log rc=0
+  timeout 600 apt-get $2 update -q --error-on=any >"$out" 2>&1 || rc=$?
+  cat "$out"
+  if [ $rc != 0 ] || grep -qE '^(W|E): .*(Failed to fetch|failed to download|Could not|Unable to)' "$out"; then
+    vm_die "apt-get update ($1) failed (rc=$rc): mirror $MIRROR unreachable? see $out"
+  fi
+}
+apt_update apt "$BPO"
+apt_update apt-trixie "$TRX"
+vm_has_lists apt bookworm-backports || vm_die "no bookworm-backports index after apt-get update"
+vm_has_lists apt-trixie trixie || vm_die "no trixie index after apt-get update"
 
 vm_step "apt-get install qemu-system-x86 (backports), debootstrap, cpio, gcc"
 DEBIAN_FRONTEND=noninteractive timeout 1200 apt-get $BPO install -y -q --no-install-recommends \

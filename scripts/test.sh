@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Run every farpool test: host unit/property/integration tests (nextest), the loom model checks, and
+# the RDMA/NUMA/CXL tests inside a qemu guest (tests/vm). Exits non-zero on any failure.
+#   scripts/test.sh            everything
+#   SKIP_VM=1 scripts/test.sh  host tests only (the VM stage needs root and ~5 minutes)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ts() { echo "[test $(date +%T)] $*"; }
+scripts/install-deps.sh
+# The rdma feature is on everywhere: on a host without RDMA the code takes its "no device" path,
+# and the device tests are #[ignore]d with the reason (nextest counts them as skipped).
+FEATURES="farpool-rdma/rdma,farpool/rdma,farpool-memserver/rdma,farpool-bench/rdma"
+ts "host tests (nextest, release, features $FEATURES)"
+cargo nextest run --workspace --release --features "$FEATURES" --no-fail-fast
+ts "doc tests"
+cargo test --workspace --release --doc --features "$FEATURES"
+if [ -f client/src/tier/loom_tests.rs ] || grep -rqs 'cfg(loom)' client/src; then
+  ts "loom model checks"
+  LOOM_MAX_PREEMPTIONS=${LOOM_MAX_PREEMPTIONS:-2} RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
+    cargo test -p farpool --release --lib loom
+fi
+if [ "${SKIP_VM:-0}" = 1 ]; then
+  ts "VM stage skipped (SKIP_VM=1): RDMA/NUMA/CXL tests did not run"
+  exit 0
+fi
+ts "release binaries for the guest"
+cargo build --release --features "$FEATURES" --bins
+ts "qemu guest tests (Soft-RoCE, CPU-less NUMA node, CXL type-3)"
+tests/vm/run.sh --build
