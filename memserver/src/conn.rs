@@ -1,0 +1,288 @@
+//! One client connection: handshake, then a loop that reads every available frame, executes them in
+//! order, and writes all replies with one write.
+//!
+//! Bounds: the input buffer holds at most one maximal frame plus one read chunk (the codec rejects a
+//! length prefix above `MAX_FRAME_LEN` before buffering its body); the output buffer stops accepting
+//! replies at [`OUT_HIGH_WATER_BYTES`], at which point the task writes before decoding more, and it does
+//! not read from the socket while unwritten output remains (backpressure on a client that does not read).
+//! A write that makes no progress for [`WRITE_STALL`] closes the connection.
+//!
+//! A protocol violation (garbage, oversized length, unknown tag, a frame a client may not send) closes
+//! only this connection, after an `ErrorReply { req: 0, kind: Protocol }` when the socket still takes it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use farpool_core::wire::{self, FEATURE_TCP, HelloOk, Msg};
+use farpool_core::{ErrorKind, Result};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use crate::dataplane;
+use crate::server::Phase;
+use crate::state::{ConnId, Shared, error_reply};
+use crate::stats::BatchCounts;
+
+/// Stop decoding requests once this many reply bytes are buffered, and write them first.
+pub const OUT_HIGH_WATER_BYTES: usize = 2 << 20;
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 64 * 1024;
+/// Output capacity kept between batches; a larger buffer (after big reads) is released.
+const OUT_KEEP_BYTES: usize = 4 << 20;
+/// Bound on a write that makes no progress.
+pub const WRITE_STALL: Duration = Duration::from_secs(30);
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// The peer closed cleanly between frames, or the server closed it on shutdown.
+    Closed,
+    /// The peer closed in the middle of a frame.
+    MidFrame(usize),
+    /// The peer broke the protocol (reply already attempted).
+    Protocol(String),
+    /// Socket error.
+    Io(io::Error),
+}
+
+impl From<io::Error> for End {
+    fn from(e: io::Error) -> Self {
+        End::Io(e)
+    }
+}
+
+/// Decrements the connection count when the task ends, however it ends.
+struct CountGuard(Arc<Shared>, ConnId);
+
+impl Drop for CountGuard {
+    fn drop(&mut self) {
+        self.0.unregister_conn(self.1);
+        self.0.conn_count.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Serve one accepted connection until it closes. The caller already counted it in `conn_count`.
+pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, phase: watch::Receiver<Phase>) {
+    let (id, rx) = shared.register_conn();
+    let _guard = CountGuard(shared.clone(), id);
+    let _ = stream.set_nodelay(true);
+    let mut c =
+        Conn { shared, stream, id, rx, phase, inbuf: BytesMut::with_capacity(READ_CHUNK), out: BytesMut::new() };
+    match c.run().await {
+        End::Closed => tracing::debug!(conn = id, %peer, "connection closed"),
+        End::MidFrame(n) => tracing::info!(conn = id, %peer, "peer disconnected in the middle of a frame ({n} bytes)"),
+        End::Protocol(m) => tracing::info!(conn = id, %peer, "closing connection on protocol error: {m}"),
+        End::Io(e) => tracing::debug!(conn = id, %peer, "connection ended: {e}"),
+    }
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    id: ConnId,
+    rx: mpsc::Receiver<Msg>,
+    phase: watch::Receiver<Phase>,
+    inbuf: BytesMut,
+    out: BytesMut,
+}
+
+impl Conn {
+    async fn run(&mut self) -> End {
+        let timeout = Duration::from_millis(self.shared.cfg.handshake_timeout_ms);
+        match tokio::time::timeout(timeout, self.handshake()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(end)) => return end,
+            Err(_) => return self.protocol_error(format!("no Hello within {} ms", timeout.as_millis())).await,
+        }
+        match self.serve_frames().await {
+            Ok(()) => End::Closed,
+            Err(end) => end,
+        }
+    }
+
+    /// Receive `Hello`, answer `HelloOk` or a `Protocol` error.
+    async fn handshake(&mut self) -> Result<(), End> {
+        let msg = loop {
+            match wire::decode(&mut self.inbuf) {
+                Ok(Some(m)) => break m,
+                Ok(None) => read_some(&self.stream, &mut self.inbuf).await?,
+                Err(e) => return Err(self.protocol_error(e.message().to_owned()).await),
+            }
+        };
+        let reply = match msg {
+            Msg::Hello { magic, .. } if magic != wire::MAGIC => {
+                return Err(self.protocol_error(format!("bad magic {magic:#010x}: not a farpool client")).await);
+            }
+            Msg::Hello { version, .. } if version != wire::VERSION => {
+                let m = format!("protocol version {version} is not supported; this server speaks {}", wire::VERSION);
+                return Err(self.protocol_error(m).await);
+            }
+            Msg::Hello { name, .. } => {
+                tracing::debug!(conn = self.id, client = %name, "handshake");
+                Msg::HelloOk(HelloOk {
+                    version: wire::VERSION,
+                    server_id: self.shared.server_id,
+                    host_id: self.shared.host_id.clone(),
+                    features: FEATURE_TCP,
+                    shm_path: String::new(),
+                    slab_size: self.shared.cfg.slab_size_bytes,
+                })
+            }
+            other => return Err(self.protocol_error(format!("expected Hello, got {}", frame_name(&other))).await),
+        };
+        wire::encode(&reply, &mut self.out);
+        self.flush().await
+    }
+
+    /// The main loop: execute buffered frames, deliver notices, write, then wait for more.
+    async fn serve_frames(&mut self) -> Result<(), End> {
+        let mut counts = BatchCounts::default();
+        loop {
+            let more = self.execute_buffered(&mut counts);
+            self.shared.counters.flush(&mut counts);
+            let more = match more {
+                Ok(more) => more,
+                Err(m) => return Err(self.protocol_error(m).await),
+            };
+            while let Ok(m) = self.rx.try_recv() {
+                wire::encode(&m, &mut self.out);
+            }
+            self.flush().await?;
+            if more {
+                continue; // stopped at the output high-water mark: frames are still buffered
+            }
+            if *self.phase.borrow() >= Phase::Closing {
+                return Ok(());
+            }
+            let Self { stream, inbuf, rx, phase, out, .. } = self;
+            let closing = tokio::select! {
+                r = read_some(stream, inbuf) => r.map(|()| false)?,
+                m = rx.recv() => {
+                    if let Some(m) = m {
+                        wire::encode(&m, out);
+                    }
+                    false
+                }
+                () = crate::server::reached(phase, Phase::Closing) => true,
+            };
+            if closing {
+                while let Ok(m) = self.rx.try_recv() {
+                    wire::encode(&m, &mut self.out);
+                }
+                self.flush().await?;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Decode and execute whole frames until none is left or the output is at its high-water mark.
+    /// Returns whether frames may remain; `Err` is a protocol violation.
+    fn execute_buffered(&mut self, counts: &mut BatchCounts) -> Result<bool, String> {
+        let now = self.shared.now_ms();
+        while self.out.len() < OUT_HIGH_WATER_BYTES {
+            match wire::decode(&mut self.inbuf) {
+                Ok(Some(Msg::Op(op))) => dataplane::execute(&self.shared.grants, &op, now, &mut self.out, counts),
+                Ok(Some(m)) => {
+                    let reply = self.control(m)?;
+                    wire::encode(&reply, &mut self.out);
+                }
+                Ok(None) => return Ok(false),
+                Err(e) => return Err(e.message().to_owned()),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Answer a control-plane frame.
+    fn control(&self, m: Msg) -> Result<Msg, String> {
+        let s = &self.shared;
+        Ok(match m {
+            Msg::LeaseRequest { req, slabs, flags } => s.lease_request(self.id, req, slabs, flags),
+            Msg::Renew { req, lease } => s.renew(self.id, req, lease),
+            Msg::Release { req, lease } => s.release(req, lease),
+            Msg::Ping { req } => Msg::Pong { req },
+            Msg::Admin { req, cmd } => s.admin(req, cmd),
+            Msg::RdmaConnect { req, .. } => error_reply(req, ErrorKind::Unsupported, "this server does not offer RDMA"),
+            other => return Err(format!("a client may not send {}", frame_name(&other))),
+        })
+    }
+
+    /// Write all buffered output; a write with no progress for `WRITE_STALL` fails.
+    async fn flush(&mut self) -> Result<(), End> {
+        let mut pos = 0;
+        while pos < self.out.len() {
+            match self.stream.try_write(&self.out[pos..]) {
+                Ok(n) => pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    match tokio::time::timeout(WRITE_STALL, self.stream.writable()).await {
+                        Ok(r) => r?,
+                        Err(_) => return Err(End::Io(io::Error::new(io::ErrorKind::TimedOut, "peer does not read"))),
+                    }
+                }
+                Err(e) => return Err(End::Io(e)),
+            }
+        }
+        if self.out.capacity() > OUT_KEEP_BYTES {
+            self.out = BytesMut::new();
+        } else {
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Send `ErrorReply { req: 0, Protocol }` (best effort, bounded) and return the end reason.
+    async fn protocol_error(&mut self, message: String) -> End {
+        self.shared.counters.error(ErrorKind::Protocol);
+        self.out.clear();
+        wire::encode(&error_reply(0, ErrorKind::Protocol, message.clone()), &mut self.out);
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
+        End::Protocol(message)
+    }
+}
+
+/// Read what is available (at least one byte). EOF is `Closed` or `MidFrame`.
+async fn read_some(stream: &TcpStream, inbuf: &mut BytesMut) -> Result<(), End> {
+    if inbuf.capacity() - inbuf.len() < READ_CHUNK {
+        inbuf.reserve(READ_CHUNK);
+    }
+    loop {
+        stream.readable().await?;
+        match stream.try_read_buf(inbuf) {
+            Ok(0) if inbuf.is_empty() => return Err(End::Closed),
+            Ok(0) => return Err(End::MidFrame(inbuf.len())),
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(End::Io(e)),
+        }
+    }
+}
+
+/// A short name of a frame for error messages (never the payload).
+fn frame_name(m: &Msg) -> &'static str {
+    match m {
+        Msg::Hello { .. } => "Hello",
+        Msg::LeaseRequest { .. } => "LeaseRequest",
+        Msg::Renew { .. } => "Renew",
+        Msg::Release { .. } => "Release",
+        Msg::Op(_) => "Op",
+        Msg::Admin { .. } => "Admin",
+        Msg::Ping { .. } => "Ping",
+        Msg::RdmaConnect { .. } => "RdmaConnect",
+        Msg::HelloOk(_) => "HelloOk",
+        Msg::LeaseGranted(_) => "LeaseGranted",
+        Msg::Renewed { .. } => "Renewed",
+        Msg::Ack { .. } => "Ack",
+        Msg::OpDone(_) => "OpDone",
+        Msg::RevokeNotice { .. } => "RevokeNotice",
+        Msg::Revoked { .. } => "Revoked",
+        Msg::AdminReply { .. } => "AdminReply",
+        Msg::ErrorReply { .. } => "ErrorReply",
+        Msg::Goodbye { .. } => "Goodbye",
+        Msg::Pong { .. } => "Pong",
+        Msg::RdmaAccepted { .. } => "RdmaAccepted",
+    }
+}
