@@ -5,6 +5,9 @@
 //!   `madvise(MADV_HUGEPAGE)`. The log says which.
 //! - `memfd`: an anonymous file (`memfd_create`), shareable with same-host clients by passing the fd;
 //!   `MFD_HUGETLB` when huge pages are available, else THP via madvise.
+//! - `numa:N`: a memfd bound to NUMA node N with `mbind(MPOL_BIND)`, populated and its placement
+//!   verified ([`crate::numa`]).
+//! - `dax:/dev/daxX.Y`: a device-dax mapped with its 2 MiB alignment ([`crate::dax`]).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -55,6 +58,10 @@ pub enum Backing {
     Anon,
     /// An anonymous shareable file.
     Memfd,
+    /// A memfd bound to a NUMA node (CXL memory as a CPU-less node, or a remote socket).
+    Numa(u32),
+    /// A device-dax character device (`/dev/daxX.Y`).
+    Dax(std::path::PathBuf),
 }
 
 impl std::str::FromStr for Backing {
@@ -63,7 +70,24 @@ impl std::str::FromStr for Backing {
         match s {
             "anon" => Ok(Self::Anon),
             "memfd" => Ok(Self::Memfd),
-            other => Err(Error::new(ErrorKind::Config, format!("unknown backing {other:?}: expected anon or memfd"))),
+            other => {
+                if let Some(n) = other.strip_prefix("numa:") {
+                    let node = n.parse().map_err(|_| {
+                        Error::new(
+                            ErrorKind::Config,
+                            format!("bad NUMA node {n:?} in backing {other:?}: expected numa:N"),
+                        )
+                    })?;
+                    return Ok(Self::Numa(node));
+                }
+                match other.strip_prefix("dax:") {
+                    Some(p) if p.starts_with('/') => Ok(Self::Dax(p.into())),
+                    _ => Err(Error::new(
+                        ErrorKind::Config,
+                        format!("unknown backing {other:?}: expected anon, memfd, numa:N or dax:/dev/daxX.Y"),
+                    )),
+                }
+            }
         }
     }
 }
@@ -73,6 +97,8 @@ impl std::fmt::Display for Backing {
         match self {
             Self::Anon => f.write_str("anon"),
             Self::Memfd => f.write_str("memfd"),
+            Self::Numa(n) => write!(f, "numa:{n}"),
+            Self::Dax(p) => write!(f, "dax:{}", p.display()),
         }
     }
 }
@@ -83,10 +109,20 @@ impl Backing {
         if len == 0 {
             return Err(Error::new(ErrorKind::Config, "cannot map an empty region"));
         }
+        match self {
+            Self::Numa(node) => return crate::numa::map_pool(*node, len, name).map(|(r, _)| r),
+            Self::Dax(path) => {
+                let r = crate::dax::map(path, len)?;
+                tracing::info!(backing = %self, len = r.len(), "mapped {}", r.description());
+                return Ok(r);
+            }
+            Self::Anon | Self::Memfd => {}
+        }
         let want_huge = len.is_multiple_of(HUGE_PAGE_SIZE) && free_huge_pages() * HUGE_PAGE_SIZE as u64 >= len as u64;
         let (region, huge) = match self {
             Self::Anon => map_anon(len, want_huge)?,
             Self::Memfd => map_memfd(len, name, want_huge)?,
+            Self::Numa(_) | Self::Dax(_) => unreachable!("handled above"),
         };
         tracing::info!(backing = %self, len, huge_pages = ?huge, "mapped {}", region.description());
         Ok(region)
@@ -173,4 +209,22 @@ fn map_memfd(len: usize, name: &str, want_huge: bool) -> Result<(Region, HugePag
     let desc = format!("memfd {name:?} {len} bytes ({huge:?})");
     // SAFETY: fresh shared mapping of `len` bytes of our memfd, owned by the region.
     Ok((unsafe { Region::from_raw(p, len, Some(fd), desc) }, huge))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_displays_every_backing() {
+        for s in ["anon", "memfd", "numa:1", "dax:/dev/dax0.0"] {
+            assert_eq!(s.parse::<Backing>().unwrap().to_string(), s);
+        }
+        assert_eq!("numa:3".parse::<Backing>().unwrap(), Backing::Numa(3));
+        for bad in ["numa:", "numa:x", "numa:-1", "dax:", "dax:dax0.0", "pmem"] {
+            assert_eq!(bad.parse::<Backing>().unwrap_err().kind(), ErrorKind::Config, "{bad}");
+        }
+        assert_eq!(Backing::Numa(4000).map(1 << 20, "x").unwrap_err().kind(), ErrorKind::Config);
+        assert_eq!(Backing::Dax("/dev/dax7.7".into()).map(1 << 20, "x").unwrap_err().kind(), ErrorKind::Config);
+    }
 }

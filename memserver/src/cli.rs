@@ -45,6 +45,9 @@ pub struct Cli {
 pub enum Command {
     /// Send an admin command to a running server and print its answer.
     Admin(AdminArgs),
+    /// Print this machine's memory topology: NUMA nodes, CPU-less (CXL/far-memory) nodes, distances,
+    /// memory tiers, HMAT latency/bandwidth, dax devices.
+    Topology,
 }
 
 /// Server settings as flags; each one overrides the config file.
@@ -63,7 +66,8 @@ pub struct ServeArgs {
     /// Slab size, a multiple of the page size [default: 64MiB].
     #[arg(long, value_name = "SIZE", value_parser = size_arg)]
     pub slab_size: Option<u64>,
-    /// Where pool memory comes from: anon (private, hugetlb/THP) or memfd (shareable) [default: anon].
+    /// Where pool memory comes from: anon (private, hugetlb/THP), memfd (shareable), numa:N (memfd bound
+    /// to NUMA node N, placement verified) or dax:/dev/daxX.Y (device-dax) [default: anon].
     #[arg(long, value_name = "BACKING", value_parser = backing_arg)]
     pub backing: Option<Backing>,
     /// Lease duration in milliseconds; a lease not renewed in time expires [default: 10000].
@@ -84,6 +88,13 @@ pub struct ServeArgs {
     /// I/O worker threads, 0 = one per CPU [default: 0].
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// Unix socket of the shared-memory transport for same-host clients
+    /// [default: $XDG_RUNTIME_DIR or /tmp, + farpool-<port>.sock].
+    #[arg(long, value_name = "PATH")]
+    pub shm_socket: Option<PathBuf>,
+    /// Do not offer the shared-memory transport.
+    #[arg(long, conflicts_with = "shm_socket")]
+    pub no_shm: bool,
 }
 
 /// `admin` arguments.
@@ -209,6 +220,8 @@ impl ServeArgs {
         cfg.max_connections = a.max_connections.unwrap_or(cfg.max_connections);
         cfg.shutdown_grace = a.shutdown_grace.unwrap_or(cfg.shutdown_grace);
         cfg.workers = a.workers.unwrap_or(cfg.workers);
+        cfg.shm_socket = a.shm_socket.clone().or(cfg.shm_socket);
+        cfg.shm_enabled = cfg.shm_enabled && !a.no_shm;
         cfg.validate()?;
         let log = a.log.clone().or(file.log).unwrap_or_else(|| "info".to_owned());
         Ok((cfg, log))

@@ -54,6 +54,10 @@ pub struct ServerConfig {
     pub workers: usize,
     /// Bound on receiving the `Hello` of a new connection, in milliseconds.
     pub handshake_timeout_ms: u64,
+    /// Whether to offer the shared-memory transport to same-host clients (not with a `dax` backing).
+    pub shm_enabled: bool,
+    /// Unix socket of the shm transport; `None` = `$XDG_RUNTIME_DIR` or `/tmp` + `farpool-<port>.sock`.
+    pub shm_socket: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +73,8 @@ impl Default for ServerConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             workers: 0,
             handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
+            shm_enabled: true,
+            shm_socket: None,
         }
     }
 }
@@ -132,6 +138,20 @@ impl ServerConfig {
     #[must_use]
     pub fn with_handshake_timeout_ms(mut self, ms: u64) -> Self {
         self.handshake_timeout_ms = ms;
+        self
+    }
+
+    /// Offer the shm transport. Default on.
+    #[must_use]
+    pub fn with_shm(mut self, enabled: bool) -> Self {
+        self.shm_enabled = enabled;
+        self
+    }
+    /// Socket path of the shm transport. Default `None`: `$XDG_RUNTIME_DIR` (else `/tmp`) +
+    /// `farpool-<port>.sock`.
+    #[must_use]
+    pub fn with_shm_socket(mut self, path: Option<std::path::PathBuf>) -> Self {
+        self.shm_socket = path;
         self
     }
 

@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use farpool_core::wire::{self, FEATURE_TCP, HelloOk, Msg};
+use farpool_core::wire::{self, FEATURE_SHM, FEATURE_TCP, HelloOk, Msg};
 use farpool_core::{ErrorKind, Result};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -127,8 +127,8 @@ impl Conn {
                     version: wire::VERSION,
                     server_id: self.shared.server_id,
                     host_id: self.shared.host_id.clone(),
-                    features: FEATURE_TCP,
-                    shm_path: String::new(),
+                    features: FEATURE_TCP | if self.shared.shm.is_some() { FEATURE_SHM } else { 0 },
+                    shm_path: self.shared.shm.as_ref().map(|s| s.path()).unwrap_or_default(),
                     slab_size: self.shared.cfg.slab_size_bytes,
                 })
             }

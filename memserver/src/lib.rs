@@ -42,6 +42,7 @@ mod dataplane;
 pub mod grants;
 mod metrics;
 mod server;
+mod shm;
 mod state;
 pub mod stats;
 

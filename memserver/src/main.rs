@@ -10,6 +10,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Admin(a)) => admin(a),
+        Some(Command::Topology) => {
+            println!("{}", farpool_cxl::Topology::discover().context("discovering the memory topology")?);
+            Ok(())
+        }
         None => serve(cli.serve),
     }
 }

@@ -69,7 +69,8 @@ impl Server {
             None => None,
         };
         let metrics_addr = metrics_listener.as_ref().and_then(crate::metrics::bound);
-        let shared = Arc::new(Shared::new(cfg)?);
+        // The resolved address (port 0 -> the real port): it names the default shm socket.
+        let shared = Arc::new(Shared::new(ServerConfig { listen: local_addr, ..cfg })?);
         let (phase_tx, phase_rx) = watch::channel(Phase::Running);
         let (threads, handles) = spawn_workers(shared.cfg.resolved_workers(), &phase_rx)?;
         let inner = Arc::new(Inner {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
-use farpool_core::wire::{LEASE_FLAG_RDMA, LEASE_FLAG_SHM, LeaseGrant, MAX_LIST_LEN, Msg};
+use farpool_core::wire::{LEASE_FLAG_SHM, LeaseGrant, MAX_LIST_LEN, Msg};
 use farpool_core::{Credential, ErrorKind, LeaseId, Result, ServerId, SlabGrant, SlabId, Token};
 use farpool_cxl::Region;
 use parking_lot::Mutex;
@@ -118,6 +118,8 @@ pub struct Shared {
     next_conn: AtomicU64,
     pub(crate) conn_count: AtomicUsize,
     pub(crate) counters: Counters,
+    /// The shm transport, when offered.
+    pub(crate) shm: Option<crate::shm::ShmState>,
 }
 
 impl Shared {
@@ -133,6 +135,7 @@ impl Shared {
             next_conn: AtomicU64::new(1),
             conn_count: AtomicUsize::new(0),
             counters: Counters::default(),
+            shm: crate::shm::ShmState::start(&cfg)?,
             cfg,
         };
         let slabs = shared.cfg.slab_count();
@@ -159,11 +162,16 @@ impl Shared {
         Ok(())
     }
 
-    /// The memory behind a new grant of `slab`. Today every grant is a piece of a pool region; a
-    /// transport that needs a region per grant (shm: one memfd per grant) substitutes its own here.
-    fn grant_mem(&self, ctl: &Control, slab: SlabId, _flags: u32) -> SlabMem {
+    /// The memory behind a new grant of `slab`: a piece of a pool region, or for an shm lease a fresh
+    /// memfd of its own (see [`crate::shm`]).
+    fn grant_mem(&self, ctl: &Control, slab: SlabId, flags: u32, cred: &Credential) -> Result<SlabMem> {
+        if flags & LEASE_FLAG_SHM != 0
+            && let Some(shm) = &self.shm
+        {
+            return shm.grant_mem(cred.lease, slab, cred.epoch, cred.token, self.cfg.slab_size_bytes);
+        }
         let home = ctl.homes[slab.0 as usize];
-        SlabMem { region: ctl.regions[home.region].clone(), offset: home.offset, len: self.cfg.slab_size_bytes }
+        Ok(SlabMem { region: ctl.regions[home.region].clone(), offset: home.offset, len: self.cfg.slab_size_bytes })
     }
 
     // ---- connections ----
@@ -213,8 +221,9 @@ impl Shared {
         if n == 0 || n > MAX_LIST_LEN {
             return error_reply(req, ErrorKind::Config, format!("a lease takes 1..={MAX_LIST_LEN} slabs, not {n}"));
         }
-        if flags & (LEASE_FLAG_SHM | LEASE_FLAG_RDMA) != 0 || flags & !(LEASE_FLAG_SHM | LEASE_FLAG_RDMA) != 0 {
-            let m = format!("lease flags {flags:#x} are not offered by this server (TCP only)");
+        let offered = if self.shm.is_some() { LEASE_FLAG_SHM } else { 0 };
+        if flags & !offered != 0 {
+            let m = format!("lease flags {flags:#x} are not offered by this server (offered: {offered:#x})");
             return error_reply(req, ErrorKind::Unsupported, m);
         }
         let mut ctl = self.control.lock();
@@ -235,13 +244,27 @@ impl Shared {
         };
         let clock = Arc::new(LeaseClock::new(self.now_ms() + self.cfg.lease_ms));
         let mut grants = Vec::with_capacity(n);
+        let mut mems = Vec::with_capacity(n);
         for (slab, epoch) in &got {
-            let token = Token(rand::random::<u64>());
-            let mem = self.grant_mem(&ctl, *slab, flags);
-            let len = mem.len;
-            self.grants.insert(*slab, Grant { lease: id, epoch: *epoch, token, mem, clock: clock.clone() });
-            let cred = Credential { lease: id, epoch: *epoch, token, rkey: 0, base_addr: 0 };
-            grants.push(SlabGrant { slab: *slab, len, cred });
+            let cred =
+                Credential { lease: id, epoch: *epoch, token: Token(rand::random::<u64>()), rkey: 0, base_addr: 0 };
+            match self.grant_mem(&ctl, *slab, flags, &cred) {
+                Ok(mem) => mems.push(mem),
+                Err(e) => {
+                    // Undo: nothing was published yet; give every slab back untouched.
+                    mems.iter().zip(&got).for_each(|(_, (s, _))| self.forget_shm(id, *s));
+                    for (s, _) in &got {
+                        ctl.alloc.reclaim(*s);
+                    }
+                    self.counters.error(e.kind());
+                    return error_reply(req, e.kind(), format!("cannot create the grant's memory: {e}"));
+                }
+            }
+            grants.push(SlabGrant { slab: *slab, len: self.cfg.slab_size_bytes, cred });
+        }
+        for (g, mem) in grants.iter().zip(mems) {
+            let grant = Grant { lease: id, epoch: g.cred.epoch, token: g.cred.token, mem, clock: clock.clone() };
+            self.grants.insert(g.slab, grant);
         }
         ctl.leases.insert(id, Lease { slabs: got.iter().map(|g| g.0).collect(), owner: conn, clock });
         self.counters.leases_granted.fetch_add(1, Relaxed);
@@ -300,7 +323,15 @@ impl Shared {
                 tracing::error!(%slab, "cannot zero slab, removing it from capacity: {e}");
                 ctl.alloc.retire(*slab);
             }
+            self.forget_shm(g.lease, *slab);
             ctl.alloc.reclaim(*slab);
+        }
+    }
+
+    /// Drop the shm registry entry of a grant, if it had one (its memory is already discarded).
+    fn forget_shm(&self, lease: LeaseId, slab: SlabId) {
+        if let Some(shm) = &self.shm {
+            shm.forget(lease, slab);
         }
     }
 

@@ -5,7 +5,8 @@
 #   cxl-numa-backing  the numa:1 backing (library) puts every page on node 1 and round-trips data
 #   cxl-dax-backing   the dax backing (library) maps the device with 2 MiB alignment and round-trips data
 #   cxl-numa-server   farpool-memserver --backing numa:1: its log reports every sampled page on node 1,
-#                     and a client writes/reads back through it
+#                     a client writes/reads back through it over tcp and over shm (the per-grant memfd's
+#                     pages, seen from the client's mapping, all on node 1), and `farpool-memserver topology` reports node 1 as CPU-less
 #   cxl-dax-server    farpool-memserver --backing dax:/dev/daxX.Y serves a client that writes and reads back
 OUT=${FARPOOL_OUT:-/mnt/host/out}
 V=farpool-vm-cxl
@@ -49,8 +50,12 @@ if server 7311 numa:1 $L; then
   line=$(grep -m1 -o 'numa placement: [0-9]*/[0-9]* sampled pages on node 1[^"]*' $L); echo "server: $line"
   n=${line#numa placement: }; n=${n%% *}
   [ -n "$line" ] && [ "${n%/*}" = "${n#*/}" ] && [ "${n%/*}" -gt 0 ] || why="server log has no full placement on node 1: '${line:-none}'"
-  out=$(timeout 60 $V client 127.0.0.1:7311 1MiB tcp 2>&1) || why="${why:+$why; }client failed: $(echo "$out" | grep -m1 Error)"
-  echo "$out" | head -3
+  for mode in tcp "shm 1"; do
+    out=$(timeout 60 $V client 127.0.0.1:7311 1MiB $mode 2>&1) || why="${why:+$why; }$mode client failed: $(echo "$out" | grep -m1 Error)"
+    echo "$out" | head -3
+  done
+  topo=$(farpool-memserver topology 2>&1); echo "$topo" | grep 'node 1'
+  case $topo in *"node 1: no CPUs"*) ;; *) why="${why:+$why; }farpool-memserver topology does not show node 1 CPU-less" ;; esac
 else why="server did not start: $(tail -3 $L)"; fi
 stop; cp $L "$OUT/" 2>/dev/null
 [ -z "$why" ] && echo "RESULT cxl-numa-server PASS" || echo "RESULT cxl-numa-server FAIL $why"

@@ -1,0 +1,219 @@
+//! The tier's shared state and the put / invalidate / allocation paths.
+//!
+//! Locking order: a table shard, then (briefly) a slab's free list. Eviction locks the shard of the victim
+//! page while holding no other shard. No lock is held across far I/O.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+
+use super::arena::{Arena, SlotRef};
+use super::backend::FarBackend;
+use super::io::Endpoints;
+use super::layout;
+use super::prefetch::Prefetcher;
+use super::slot::Transition;
+use super::stats::Counters;
+use super::table::{Entry, Place, Sketch, Table};
+use super::{PutStatus, TierConfig};
+
+/// A put on its way to far memory.
+#[derive(Debug)]
+pub(crate) struct PutItem {
+    pub(crate) page: u64,
+    pub(crate) version: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) cfg: TierConfig,
+    pub(crate) backend: Arc<dyn FarBackend>,
+    pub(crate) arena: Arena,
+    pub(crate) table: Table,
+    pub(crate) sketch: Sketch,
+    pub(crate) stats: Counters,
+    pub(crate) queue_tx: Sender<PutItem>,
+    pub(crate) queue_rx: Receiver<PutItem>,
+    pub(crate) endpoints: Endpoints,
+    pub(crate) prefetch: Prefetcher,
+    pub(crate) shutdown: AtomicBool,
+    /// When the last failed lease happened (growth backs off for `grow_retry`).
+    grow: Mutex<Option<Instant>>,
+}
+
+/// Growth is retried at most this often after the backend said no.
+const GROW_RETRY: Duration = Duration::from_millis(200);
+/// Victims tried per allocation before a put is dropped.
+const EVICT_ATTEMPTS: usize = 16;
+
+impl Inner {
+    pub(crate) fn new(cfg: TierConfig, backend: Arc<dyn FarBackend>) -> Self {
+        let (queue_tx, queue_rx) = crossbeam_channel::bounded(cfg.queue_depth);
+        let slot = layout::slot_size(cfg.page_size);
+        let est_slots = (cfg.max_bytes / slot as u64) as usize;
+        Self {
+            arena: Arena::new(slot),
+            table: Table::new(),
+            sketch: Sketch::new(est_slots),
+            stats: Counters::default(),
+            queue_tx,
+            queue_rx,
+            endpoints: Endpoints::new(cfg.endpoints_idle_max),
+            prefetch: Prefetcher::new(&cfg),
+            shutdown: AtomicBool::new(false),
+            grow: Mutex::new(None),
+            cfg,
+            backend,
+        }
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
+    }
+
+    /// Cancel whatever slot a removed or replaced entry had.
+    pub(crate) fn release_place(&self, place: Place) {
+        if let Some(r) = place.slot() {
+            let t = self.arena.slab(r.slab).slots[r.slot as usize].word.cancel(r.generation);
+            self.arena.settle(r, t);
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.arena.free_slots() == 0 && !self.may_grow()
+    }
+
+    fn may_grow(&self) -> bool {
+        let backed_off = matches!(*self.grow.lock(), Some(t) if t.elapsed() < GROW_RETRY);
+        self.arena.leased_bytes() < self.cfg.max_bytes && !backed_off
+    }
+
+    pub(crate) fn put(&self, page: u64, version: u64, data: &[u8]) -> PutStatus {
+        assert_eq!(data.len(), self.cfg.page_size, "put of page {page}: wrong page length");
+        Counters::add(&self.stats.puts, 1);
+        self.sketch.record(page);
+        let mut shard = self.table.shard(page);
+        if let Some(e) = shard.get(&page)
+            && e.version >= version
+        {
+            if let Place::Published(r) = e.place {
+                self.arena.slab(r.slab).slots[r.slot as usize].referenced.store(true, Ordering::Relaxed);
+            }
+            Counters::add(&self.stats.puts_unchanged, 1);
+            return PutStatus::Unchanged;
+        }
+        if self.full() && self.sketch.estimate(page) < self.cfg.admit_min_puts {
+            Counters::add(&self.stats.puts_rejected, 1);
+            return PutStatus::Rejected;
+        }
+        let image = layout::encode(page, version, data);
+        let entry = Entry { version, place: Place::Queued, image: Some(image) };
+        if let Some(old) = shard.insert(page, entry) {
+            self.release_place(old.place);
+        }
+        self.prefetch.forget(page);
+        if self.queue_tx.try_send(PutItem { page, version }).is_err() {
+            shard.remove(&page);
+            Counters::add(&self.stats.puts_dropped, 1);
+            return PutStatus::Dropped;
+        }
+        PutStatus::Queued
+    }
+
+    pub(crate) fn invalidate(&self, page: u64) -> bool {
+        let removed = self.table.shard(page).remove(&page).map(|e| self.release_place(e.place)).is_some();
+        self.prefetch.forget(page);
+        if removed {
+            Counters::add(&self.stats.invalidations, 1);
+        }
+        removed
+    }
+
+    /// A slot to write into: a free one, one from a new slab, or an evicted one.
+    pub(crate) fn alloc_slot(&self) -> Option<SlotRef> {
+        if let Some(r) = self.arena.claim_free() {
+            return Some(r);
+        }
+        if self.try_grow(1) > 0
+            && let Some(r) = self.arena.claim_free()
+        {
+            return Some(r);
+        }
+        self.evict_one()
+    }
+
+    fn evict_one(&self) -> Option<SlotRef> {
+        for _ in 0..EVICT_ATTEMPTS {
+            let (r, page) = self.arena.clock_candidate()?;
+            let mut shard = self.table.shard(page);
+            if !matches!(shard.get(&page), Some(e) if e.place == Place::Published(r)) {
+                continue;
+            }
+            let slab = self.arena.slab(r.slab);
+            let meta = &slab.slots[r.slot as usize];
+            if meta.word.evict(r.generation) != Transition::Freed {
+                continue;
+            }
+            shard.remove(&page);
+            drop(shard);
+            Counters::add(&self.stats.evictions, 1);
+            // The slot is FREE and on no free list: only this thread can claim it.
+            let generation = meta.word.try_claim().expect("an evicted slot is ours to claim");
+            return Some(SlotRef { slab: r.slab, slot: r.slot, generation });
+        }
+        None
+    }
+
+    /// Lease up to `slabs` more slabs within the maximum (plus `allowance_bytes`); returns how many.
+    pub(crate) fn try_grow_with(&self, slabs: usize, allowance_bytes: u64) -> usize {
+        let Some(mut last_fail) = self.grow.try_lock() else { return 0 };
+        if matches!(*last_fail, Some(t) if t.elapsed() < GROW_RETRY) {
+            return 0;
+        }
+        let limit = self.cfg.max_bytes + allowance_bytes;
+        if self.arena.leased_bytes() >= limit {
+            return 0;
+        }
+        let mut added = 0;
+        match self.backend.lease(slabs) {
+            Ok(got) if !got.is_empty() => {
+                for s in got {
+                    if self.arena.leased_bytes() + s.grant.len <= limit && self.arena.add(s).is_some() {
+                        added += 1;
+                    } else if let Err(e) = self.backend.release(&s) {
+                        tracing::warn!(error = %e, "page tier: could not return a slab beyond the maximum");
+                    }
+                }
+            }
+            Ok(_) => *last_fail = Some(Instant::now()),
+            Err(e) => {
+                tracing::debug!(error = %e, "page tier: lease refused");
+                *last_fail = Some(Instant::now());
+            }
+        }
+        if added == 0 {
+            *last_fail = Some(Instant::now());
+        }
+        Counters::add(&self.stats.slabs_leased, added as u64);
+        added
+    }
+
+    pub(crate) fn try_grow(&self, slabs: usize) -> usize {
+        self.try_grow_with(slabs, 0)
+    }
+
+    /// Lease until at least `min_bytes` are held (bounded number of lease calls).
+    pub(crate) fn top_up(&self) {
+        for _ in 0..1024 {
+            if self.arena.leased_bytes() >= self.cfg.min_bytes {
+                return;
+            }
+            if self.try_grow(1) == 0 {
+                return;
+            }
+        }
+    }
+}

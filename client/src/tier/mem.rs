@@ -1,0 +1,307 @@
+//! `MemBackend`: an in-memory [`FarBackend`] for tests and examples: "servers" holding slabs of plain
+//! memory, endpoints that execute one-sided operations on them with the same checks a real server makes
+//! (token and epoch of the grant, bounds, server alive), optionally wrapped in
+//! [`farpool_core::fault::Faulty`]; plus controls to revoke, kill and corrupt, as a test needs.
+//!
+//! Every grant gets a fresh token and epoch and zeroed memory, so an old credential fails with `Revoked`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use farpool_core::fault::{FaultConfig, Faulty};
+use farpool_core::{
+    Completion, Credential, Epoch, Error, ErrorKind, LeaseId, OpKind, OpOutput, Result, ServerId, SlabGrant, SlabId,
+    Token, Transport, TransportKind, WorkRequest,
+};
+use parking_lot::Mutex;
+
+use super::backend::{BackendEvent, FarBackend, FarSlab};
+
+#[derive(Debug)]
+struct SlabMem {
+    data: Vec<u8>,
+    /// `(token, epoch)` of the current grant; `None` when not granted.
+    grant: Option<(Token, Epoch)>,
+    epoch: u64,
+}
+
+#[derive(Debug)]
+struct ServerMem {
+    id: ServerId,
+    alive: AtomicBool,
+    /// Under a notice: grants nothing new.
+    draining: AtomicBool,
+    slabs: Vec<Mutex<SlabMem>>,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct MemBackend {
+    servers: Vec<Arc<ServerMem>>,
+    slab_bytes: u64,
+    rr: AtomicU64,
+    next_token: AtomicU64,
+    subscribers: Mutex<Vec<Sender<BackendEvent>>>,
+    faults: Mutex<Option<(FaultConfig, u64)>>,
+    endpoint_seq: AtomicU64,
+    reverse: AtomicBool,
+}
+
+impl MemBackend {
+    /// `servers` servers of `slabs_per_server` slabs of `slab_bytes` each.
+    pub fn new(servers: usize, slabs_per_server: usize, slab_bytes: u64) -> Self {
+        let servers = (0..servers)
+            .map(|i| {
+                let slabs = (0..slabs_per_server)
+                    .map(|_| Mutex::new(SlabMem { data: Vec::new(), grant: None, epoch: 0 }))
+                    .collect();
+                Arc::new(ServerMem {
+                    id: ServerId(100 + i as u64),
+                    alive: AtomicBool::new(true),
+                    draining: AtomicBool::new(false),
+                    slabs,
+                })
+            })
+            .collect();
+        Self {
+            servers,
+            slab_bytes,
+            rr: AtomicU64::new(0),
+            next_token: AtomicU64::new(0x5eed),
+            subscribers: Mutex::new(Vec::new()),
+            faults: Mutex::new(None),
+            endpoint_seq: AtomicU64::new(0),
+            reverse: AtomicBool::new(false),
+        }
+    }
+
+    /// Wrap every endpoint opened from now on in `Faulty` with `cfg`; endpoint `n` uses seed `seed + n`.
+    pub fn set_faults(&self, cfg: Option<FaultConfig>, seed: u64) {
+        *self.faults.lock() = cfg.map(|c| (c, seed));
+    }
+
+    /// Complete each posted batch in reverse order (the last operation first).
+    pub fn set_reverse_completions(&self, on: bool) {
+        self.reverse.store(on, Ordering::Release);
+    }
+
+    /// Ids of the servers.
+    pub fn server_ids(&self) -> Vec<ServerId> {
+        self.servers.iter().map(|s| s.id).collect()
+    }
+
+    fn server(&self, id: ServerId) -> Option<&Arc<ServerMem>> {
+        self.servers.iter().find(|s| s.id == id)
+    }
+
+    fn emit(&self, ev: BackendEvent) {
+        self.subscribers.lock().retain(|tx| tx.try_send(ev.clone()).is_ok());
+    }
+
+    /// Granted slabs of `server`.
+    pub fn granted(&self, server: ServerId) -> Vec<SlabId> {
+        let Some(s) = self.server(server) else { return Vec::new() };
+        (0..s.slabs.len()).filter(|&i| s.slabs[i].lock().grant.is_some()).map(|i| SlabId(i as u32)).collect()
+    }
+
+    /// Send a revoke notice for every granted slab of `server` (which grants nothing from now on); returns them.
+    pub fn notice(&self, server: ServerId, grace: Duration) -> Vec<SlabId> {
+        if let Some(s) = self.server(server) {
+            s.draining.store(true, Ordering::Release);
+        }
+        let slabs = self.granted(server);
+        self.emit(BackendEvent::RevokeNotice { server, slabs: slabs.clone(), grace });
+        slabs
+    }
+
+    /// Revoke slabs now: their credentials stop working; sends `Revoked`.
+    pub fn revoke(&self, server: ServerId, slabs: &[SlabId]) {
+        if let Some(s) = self.server(server) {
+            for id in slabs {
+                if let Some(m) = s.slabs.get(id.0 as usize) {
+                    let mut m = m.lock();
+                    m.grant = None;
+                    m.data.fill(0);
+                }
+            }
+        }
+        self.emit(BackendEvent::Revoked { server, slabs: slabs.to_vec() });
+    }
+
+    /// Crash a server: every operation on it fails with `Unreachable`. With `announce`, also send
+    /// `ServerDown` (otherwise the tier finds out from failed operations).
+    pub fn kill(&self, server: ServerId, announce: bool) {
+        if let Some(s) = self.server(server) {
+            s.alive.store(false, Ordering::Release);
+        }
+        if announce {
+            self.emit(BackendEvent::ServerDown { server });
+        }
+    }
+
+    /// Flip one byte of a slab (to test checksum detection).
+    pub fn corrupt(&self, server: ServerId, slab: SlabId, offset: usize) {
+        if let Some(s) = self.server(server)
+            && let Some(m) = s.slabs.get(slab.0 as usize)
+        {
+            let mut m = m.lock();
+            if let Some(b) = m.data.get_mut(offset) {
+                *b ^= 0x5A;
+            }
+        }
+    }
+}
+
+impl FarBackend for MemBackend {
+    fn lease(&self, slabs: usize) -> Result<Vec<FarSlab>> {
+        let mut out = Vec::new();
+        let n = self.servers.len() as u64;
+        for _ in 0..slabs {
+            let granted = (0..n).find_map(|k| {
+                let s = &self.servers[((self.rr.fetch_add(1, Ordering::Relaxed) + k) % n) as usize];
+                if !s.alive.load(Ordering::Acquire) || s.draining.load(Ordering::Acquire) {
+                    return None;
+                }
+                s.slabs.iter().enumerate().find_map(|(i, m)| {
+                    let mut m = m.lock();
+                    if m.grant.is_some() {
+                        return None;
+                    }
+                    m.epoch += 1;
+                    let token = Token(self.next_token.fetch_add(0x9E37, Ordering::Relaxed));
+                    m.grant = Some((token, Epoch(m.epoch)));
+                    m.data = vec![0; self.slab_bytes as usize];
+                    let cred = Credential { lease: LeaseId(1), epoch: Epoch(m.epoch), token, rkey: 0, base_addr: 0 };
+                    let grant = SlabGrant { slab: SlabId(i as u32), len: self.slab_bytes, cred };
+                    Some(FarSlab { server: s.id, grant })
+                })
+            });
+            match granted {
+                Some(g) => out.push(g),
+                None => break,
+            }
+        }
+        if out.is_empty() && slabs > 0 {
+            return Err(Error::new(ErrorKind::NoSpace, "no free slab on any live server"));
+        }
+        Ok(out)
+    }
+
+    fn release(&self, slab: &FarSlab) -> Result<()> {
+        let s = self.server(slab.server).ok_or_else(|| Error::new(ErrorKind::Config, "unknown server"))?;
+        let mut m = s.slabs[slab.grant.slab.0 as usize].lock();
+        if m.grant == Some((slab.grant.cred.token, slab.grant.cred.epoch)) {
+            m.grant = None;
+        }
+        Ok(())
+    }
+
+    fn endpoint(&self, server: ServerId) -> Result<Box<dyn Transport>> {
+        let s = self.server(server).ok_or_else(|| Error::new(ErrorKind::Config, "unknown server"))?.clone();
+        if !s.alive.load(Ordering::Acquire) {
+            return Err(Error::new(ErrorKind::Unreachable, format!("server {server} is down")));
+        }
+        let ep = MemEndpoint { server: s, done: VecDeque::new(), reverse: self.reverse.load(Ordering::Acquire) };
+        match self.faults.lock().clone() {
+            None => Ok(Box::new(ep)),
+            Some((cfg, seed)) => {
+                Ok(Box::new(Faulty::new(ep, cfg, seed + self.endpoint_seq.fetch_add(1, Ordering::Relaxed))))
+            }
+        }
+    }
+
+    fn events(&self) -> Receiver<BackendEvent> {
+        let (tx, rx) = crossbeam_channel::bounded(1024);
+        self.subscribers.lock().push(tx);
+        rx
+    }
+}
+
+/// An endpoint of [`MemBackend`]: executes at post, completes at poll.
+#[derive(Debug)]
+struct MemEndpoint {
+    server: Arc<ServerMem>,
+    done: VecDeque<Completion>,
+    reverse: bool,
+}
+
+const MEM_INFLIGHT_MAX: usize = 64;
+
+impl MemEndpoint {
+    fn exec(&self, wr: &WorkRequest) -> Result<OpOutput> {
+        if !self.server.alive.load(Ordering::Acquire) {
+            return Err(Error::new(ErrorKind::Unreachable, "server is down"));
+        }
+        wr.op.check(&wr.addr)?;
+        let slab = self
+            .server
+            .slabs
+            .get(wr.addr.slab.0 as usize)
+            .ok_or_else(|| Error::new(ErrorKind::OutOfRange, "no such slab"))?;
+        let mut m = slab.lock();
+        if m.grant != Some((wr.addr.cred.token, wr.addr.cred.epoch)) {
+            return Err(Error::new(ErrorKind::Revoked, "grant revoked or credential stale"));
+        }
+        let at = wr.addr.offset as usize;
+        let end = at.checked_add(wr.op.len() as usize).filter(|&e| e <= m.data.len());
+        let Some(end) = end else { return Err(Error::new(ErrorKind::OutOfRange, "beyond the slab")) };
+        let word = |d: &[u8]| u64::from_le_bytes(d[at..end].try_into().expect("8 bytes"));
+        Ok(match &wr.op {
+            OpKind::Read { .. } => OpOutput::Read(bytes::Bytes::copy_from_slice(&m.data[at..end])),
+            OpKind::Write { data } => {
+                m.data[at..end].copy_from_slice(data);
+                OpOutput::Write
+            }
+            OpKind::CompareSwap { expect, new } => {
+                let old = word(&m.data);
+                if old == *expect {
+                    m.data[at..end].copy_from_slice(&new.to_le_bytes());
+                }
+                OpOutput::Atomic(old)
+            }
+            OpKind::FetchAdd { add } => {
+                let old = word(&m.data);
+                m.data[at..end].copy_from_slice(&old.wrapping_add(*add).to_le_bytes());
+                OpOutput::Atomic(old)
+            }
+        })
+    }
+}
+
+impl Transport for MemEndpoint {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Sim
+    }
+
+    fn post(&mut self, batch: &mut Vec<WorkRequest>) -> Result<usize> {
+        let n = batch.len().min(MEM_INFLIGHT_MAX - self.done.len());
+        let mut done: Vec<Completion> =
+            batch.drain(..n).map(|wr| Completion { wr_id: wr.wr_id, result: self.exec(&wr) }).collect();
+        if self.reverse {
+            done.reverse();
+        }
+        self.done.extend(done);
+        Ok(n)
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>, max: usize, _timeout: Duration) -> Result<usize> {
+        let n = max.min(self.done.len());
+        out.extend(self.done.drain(..n));
+        Ok(n)
+    }
+
+    fn inflight(&self) -> usize {
+        self.done.len()
+    }
+
+    fn inflight_max(&self) -> usize {
+        MEM_INFLIGHT_MAX
+    }
+
+    fn op_timeout(&self) -> Duration {
+        Duration::from_secs(2)
+    }
+}

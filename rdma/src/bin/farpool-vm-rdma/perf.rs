@@ -1,0 +1,179 @@
+//! Latency and bandwidth modes, shaped like perftest's `ib_read_lat` / `ib_read_bw`: one client
+//! endpoint against the in-process server, zero-copy operations on a registered buffer, busy polling.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use farpool_core::{ErrorKind, Result};
+use farpool_rdma::{Access, Context, DirectOp, Direction, EndpointConfig, LocalBuffer, Remote};
+
+use crate::fail;
+use crate::net::{Client, Server};
+
+/// Which operation to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PerfOp {
+    Read,
+    /// READ through `post_direct` + `poll_completions` (the batched zero-copy path); also reports the
+    /// time spent posting.
+    ReadDirect,
+    Write,
+    FetchAdd,
+    CompareSwap,
+}
+
+impl PerfOp {
+    pub fn parse(s: &str) -> Option<PerfOp> {
+        Some(match s {
+            "read" => PerfOp::Read,
+            "read-direct" => PerfOp::ReadDirect,
+            "write" => PerfOp::Write,
+            "faa" | "fetch_add" | "atomic" => PerfOp::FetchAdd,
+            "cas" | "compare_swap" => PerfOp::CompareSwap,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            PerfOp::Read => "read",
+            PerfOp::ReadDirect => "read-direct",
+            PerfOp::Write => "write",
+            PerfOp::FetchAdd => "faa",
+            PerfOp::CompareSwap => "cas",
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Options of the latency and bandwidth modes.
+#[derive(Clone, Copy, Debug)]
+pub struct PerfArgs {
+    pub op: PerfOp,
+    pub size: u32,
+    pub iters: usize,
+    pub depth: usize,
+    /// `EndpointConfig::with_spin_polls`, default if `None`.
+    pub spin: Option<u32>,
+    /// Force the legacy verbs API.
+    pub legacy: bool,
+}
+
+impl PerfArgs {
+    fn config(&self) -> EndpointConfig {
+        let mut cfg = EndpointConfig::new().with_extended_verbs(!self.legacy);
+        if let Some(n) = self.spin {
+            cfg = cfg.with_spin_polls(n);
+        }
+        cfg
+    }
+}
+
+/// One operation at a time on a send queue of `depth` (perftest's latency tests use 1); prints `lat op=.. size=.. iters=.. p50_us=.. p99_us=..`.
+pub fn latency(ctx: &Arc<Context>, server: &Server, a: &PerfArgs) -> Result<()> {
+    let (op, size, iters) = (a.op, a.size, a.iters);
+    let mut c = Client::connect(ctx, server.addr(), a.config().with_inflight_max(a.depth.max(1)))?;
+    let r = c.regions[0];
+    if u64::from(size) > r.len {
+        return fail(ErrorKind::Config, format!("--size {size} exceeds the slab of {} bytes", r.len));
+    }
+    let mut buf = LocalBuffer::new(ctx, size.max(8) as usize, Access::LOCAL)?;
+    let at = Remote { addr: r.addr, rkey: r.rkey };
+    let warmup = (iters / 10).clamp(10, 1000);
+    let mut samples = Vec::with_capacity(iters);
+    let mut post_samples = Vec::with_capacity(iters);
+    let mut ops = Vec::with_capacity(1);
+    let mut done = Vec::with_capacity(1);
+    for i in 0..warmup + iters {
+        let t0 = Instant::now();
+        match op {
+            PerfOp::Read => c.ep.read_into(&mut buf, 0, size, at)?,
+            PerfOp::ReadDirect => {
+                let local = buf.registration().clone();
+                ops.push(DirectOp { wr_id: i as u64, dir: Direction::Read, local, offset: 0, len: size, remote: at });
+                // SAFETY: `buf` is not touched by the CPU until the completion below has been polled.
+                unsafe { c.ep.post_direct(&mut ops)? };
+                if i >= warmup {
+                    post_samples.push(t0.elapsed().as_secs_f64() * 1e6);
+                }
+                while c.ep.poll_completions(&mut done, 1, Duration::from_secs(5))? == 0 {}
+                done.pop().map(|d| d.result).transpose()?;
+            }
+            PerfOp::Write => c.ep.write_from(&buf, 0, size, at)?,
+            PerfOp::FetchAdd => drop(c.ep.fetch_add(at, 1)?),
+            PerfOp::CompareSwap => drop(c.ep.compare_swap(at, 0, 0)?),
+        }
+        if i >= warmup {
+            samples.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    post_samples.sort_by(f64::total_cmp);
+    if !post_samples.is_empty() {
+        println!("post op={} p50_us={:.2} (time inside post_direct)", op.name(), percentile(&post_samples, 0.5));
+    }
+    let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+    println!(
+        "lat op={} size={size} iters={iters} spin={} verbs={} min_us={:.2} p50_us={:.2} p99_us={:.2} max_us={:.2} mean_us={mean:.2}",
+        op.name(),
+        a.spin.map_or_else(|| "default".to_string(), |n| n.to_string()),
+        if a.legacy { "legacy" } else { "extended" },
+        samples[0],
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99),
+        samples[samples.len() - 1],
+    );
+    Ok(())
+}
+
+/// `depth` zero-copy operations kept in flight; prints `bw op=.. size=.. MiB_s=.. ops_s=..`.
+pub fn bandwidth(ctx: &Arc<Context>, server: &Server, a: &PerfArgs) -> Result<()> {
+    let (op, size, iters, depth) = (a.op, a.size, a.iters, a.depth);
+    let dir = match op {
+        PerfOp::Read => Direction::Read,
+        PerfOp::Write => Direction::Write,
+        _ => return fail(ErrorKind::Config, "--bw measures read or write"),
+    };
+    let cfg = a.config().with_inflight_max(depth.max(1));
+    let mut c = Client::connect(ctx, server.addr(), cfg)?;
+    let r = c.regions[0];
+    if u64::from(size) > r.len {
+        return fail(ErrorKind::Config, format!("--size {size} exceeds the slab of {} bytes", r.len));
+    }
+    let buf = LocalBuffer::new(ctx, size.max(8) as usize, Access::LOCAL)?;
+    let at = Remote { addr: r.addr, rkey: r.rkey };
+    let (mut posted, mut completed) = (0usize, 0usize);
+    let mut ops = Vec::with_capacity(depth);
+    let mut done = Vec::with_capacity(depth);
+    let t0 = Instant::now();
+    while completed < iters {
+        while posted < iters && ops.len() + c.ep.inflight() < depth {
+            let local = buf.registration().clone();
+            ops.push(DirectOp { wr_id: posted as u64, dir, local, offset: 0, len: size, remote: at });
+            posted += 1;
+        }
+        // SAFETY: nothing reads or writes `buf` from the CPU while this loop runs; its contents are
+        // meaningless for a bandwidth run, and it outlives the endpoint's use of it (the last
+        // completion is polled before the function returns).
+        unsafe { c.ep.post_direct(&mut ops)? };
+        done.clear();
+        c.ep.poll_completions(&mut done, depth, Duration::from_secs(5))?;
+        for d in done.drain(..) {
+            d.result?;
+            completed += 1;
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let bytes = size as f64 * iters as f64;
+    println!(
+        "bw op={} size={size} iters={iters} depth={depth} secs={secs:.3} MiB_s={:.1} ops_s={:.0}",
+        op.name(),
+        bytes / secs / (1 << 20) as f64,
+        iters as f64 / secs
+    );
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! [`RdmaTransport`]: the `farpool_core::Transport` implementation over one [`Endpoint`].
+//!
+//! A `RemoteAddr` becomes `(cred.base_addr + offset, cred.rkey)`. The NIC enforces the grant's bounds
+//! and liveness; when the transport knows a grant's length ([`RdmaTransport::add_grant`]) it also
+//! checks bounds before posting, so an out-of-range access fails with `OutOfRange` without costing the
+//! queue pair (a NIC-side access error moves it to the error state), and a NIC rejection of an
+//! in-bounds access then means `Revoked`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use farpool_core::{
+    Completion, Error, ErrorKind, OpKind, OpOutput, RemoteAddr, Result, SlabGrant, Transport, TransportKind,
+    WorkRequest,
+};
+
+use crate::endpoint::{Endpoint, EndpointState, Output, QpExchange, RdmaCompletion, Remote};
+use crate::ops::{Admit, kind_of};
+
+/// `Transport` over RDMA: staged one-sided operations on one RC connection.
+pub struct RdmaTransport {
+    ep: Endpoint,
+    /// rkey -> grant length, for bounds checks before posting.
+    grants: HashMap<u32, u64>,
+    exchange: Option<Box<dyn QpExchange>>,
+    done: Vec<RdmaCompletion>,
+}
+
+impl fmt::Debug for RdmaTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RdmaTransport")
+            .field("endpoint", &self.ep)
+            .field("grants", &self.grants.len())
+            .field("auto_reconnect", &self.exchange.is_some())
+            .finish()
+    }
+}
+
+impl RdmaTransport {
+    /// Wrap a connected endpoint.
+    pub fn new(ep: Endpoint) -> Self {
+        Self { ep, grants: HashMap::new(), exchange: None, done: Vec::new() }
+    }
+
+    /// Reconnect automatically (at the next `post`) after the queue pair broke, swapping `QpInfo` with
+    /// the server through `exchange`. Default: off (`post` fails with `Closed` until [`Self::reconnect`]).
+    #[must_use]
+    pub fn with_exchange(mut self, exchange: Box<dyn QpExchange>) -> Self {
+        self.exchange = Some(exchange);
+        self
+    }
+
+    /// Remember a grant's length so accesses beyond it fail with `OutOfRange` before reaching the NIC.
+    pub fn add_grant(&mut self, grant: &SlabGrant) {
+        self.grants.insert(grant.cred.rkey, grant.len);
+    }
+
+    /// Forget a grant (after revoke or release).
+    pub fn remove_grant(&mut self, grant: &SlabGrant) {
+        self.grants.remove(&grant.cred.rkey);
+    }
+
+    /// The endpoint.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.ep
+    }
+
+    /// The endpoint, mutably (zero-copy calls, explicit reconnects).
+    pub fn endpoint_mut(&mut self) -> &mut Endpoint {
+        &mut self.ep
+    }
+
+    /// Reconnect now through the exchange given to [`Self::with_exchange`].
+    pub fn reconnect(&mut self) -> Result<()> {
+        match self.exchange.as_mut() {
+            Some(x) => self.ep.reconnect(x.as_mut()),
+            None => Err(Error::new(ErrorKind::Config, "no QP exchange configured for reconnect")),
+        }
+    }
+
+    /// Local checks that need no NIC: op size and alignment, RDMA credential present, grant bounds.
+    fn precheck(&self, wr: &WorkRequest) -> Result<Remote> {
+        wr.op.check(&wr.addr)?;
+        let RemoteAddr { offset, cred, .. } = wr.addr;
+        if cred.rkey == 0 {
+            return Err(Error::new(ErrorKind::Unsupported, format!("{} has no RDMA registration (rkey 0)", wr.addr)));
+        }
+        let end = offset.checked_add(wr.op.len());
+        if let Some(&len) = self.grants.get(&cred.rkey)
+            && end.is_none_or(|e| e > len)
+        {
+            return Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!("{} + {} bytes is outside the slab of {len} bytes", wr.addr, wr.op.len()),
+            ));
+        }
+        match cred.base_addr.checked_add(offset) {
+            Some(addr) => Ok(Remote { addr, rkey: cred.rkey }),
+            None => Err(Error::new(ErrorKind::OutOfRange, format!("{} overflows the address space", wr.addr))),
+        }
+    }
+}
+
+fn to_core(c: RdmaCompletion) -> Completion {
+    let result = c.result.and_then(|o| match o {
+        Output::Read(b) => Ok(OpOutput::Read(b)),
+        Output::Write => Ok(OpOutput::Write),
+        Output::Atomic(v) => Ok(OpOutput::Atomic(v)),
+        Output::Placed => Err(Error::new(ErrorKind::Internal, "zero-copy completion on the transport path")),
+    });
+    Completion { wr_id: c.wr_id, result }
+}
+
+impl Transport for RdmaTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Rdma
+    }
+
+    fn post(&mut self, batch: &mut Vec<WorkRequest>) -> Result<usize> {
+        if matches!(self.ep.state(), EndpointState::Broken(_)) && self.exchange.is_some() {
+            self.reconnect()?;
+        }
+        self.ep.ensure_ready()?;
+        let first = self.ep.records.len();
+        let mut taken = 0;
+        for (i, wr) in batch.iter().enumerate() {
+            let admit = match self.precheck(wr) {
+                Err(e) => {
+                    self.ep.ready.push_back(RdmaCompletion { wr_id: wr.wr_id, result: Err(e) });
+                    Admit::Immediate
+                }
+                Ok(remote) => {
+                    let data = match &wr.op {
+                        OpKind::Write { data } => Some(&data[..]),
+                        _ => None,
+                    };
+                    self.ep.admit(wr.wr_id, kind_of(&wr.op), remote, wr.op.len(), data, i, false)
+                }
+            };
+            match admit {
+                Admit::Queued | Admit::Immediate => taken = i + 1,
+                Admit::NoRoom => break,
+            }
+        }
+        self.ep.submit(first, |i| match &batch[i].op {
+            OpKind::Write { data } => &data[..],
+            _ => &[],
+        });
+        batch.drain(..taken);
+        Ok(taken)
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>, max: usize, timeout: Duration) -> Result<usize> {
+        self.done.clear();
+        let n = self.ep.poll_completions(&mut self.done, max, timeout)?;
+        out.extend(self.done.drain(..).map(to_core));
+        Ok(n)
+    }
+
+    fn inflight(&self) -> usize {
+        self.ep.inflight()
+    }
+
+    fn inflight_max(&self) -> usize {
+        self.ep.inflight_max()
+    }
+
+    fn op_timeout(&self) -> Duration {
+        self.ep.op_timeout()
+    }
+}
