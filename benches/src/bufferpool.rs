@@ -78,6 +78,15 @@ pub struct Args {
     /// Seed of the access generators.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Writer threads of the page tier.
+    #[arg(long, default_value_t = 2)]
+    pub tier_writers: usize,
+    /// How long a tier writer waits to fill a small batch, microseconds (0: no wait).
+    #[arg(long, default_value_t = 200)]
+    pub write_linger_us: u64,
+    /// I/O worker threads of the embedded memory server.
+    #[arg(long, default_value_t = 2)]
+    pub server_workers: usize,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -264,7 +273,8 @@ fn one_run(
         let ts = t.stats();
         ts.assert_consistent();
         eprintln!(
-            "  {label} tier: {} gets, {:.1}% hits, misses absent {} stale {} checksum {} revoked {} down {}, {} puts published, {} evicted, rtt {:.1}us",
+            "  {label} tier: {} gets, {:.1}% hits, misses absent {} stale {} checksum {} revoked {} down {}, \
+             puts {} published {} unchanged {} dropped {} rejected {} in {} write batches, {} evicted, rtt {:.1}us",
             ts.gets,
             100.0 * ts.hit_rate(),
             ts.miss_absent,
@@ -272,7 +282,12 @@ fn one_run(
             ts.miss_checksum,
             ts.miss_revoked,
             ts.miss_server_down,
+            ts.puts,
             ts.puts_published,
+            ts.puts_unchanged,
+            ts.puts_dropped,
+            ts.puts_rejected,
+            ts.write_batches,
             ts.evictions,
             ts.rtt_ewma_ns as f64 / 1000.0
         );
@@ -306,7 +321,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         }
     );
     let far_max = args.far_max.unwrap_or(args.data);
-    let mut setup = FarSetup::new(args.server.clone(), far_max)?;
+    let mut setup = FarSetup::new(args.server.clone(), far_max, args.server_workers)?;
     let mut results = Vec::new();
     for dist in &args.dist {
         if dist != "zipf" && dist != "uniform" {
@@ -326,6 +341,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
                     PageTier::builder(b)
                         .with_page_size(args.page_size as usize)
                         .with_capacity_bytes(0, far_max)
+                        .with_writer_threads(args.tier_writers)
+                        .with_write_linger(Duration::from_micros(args.write_linger_us))
                         .build()
                         .context("build the page tier")?,
                 ),

@@ -40,16 +40,16 @@ impl DemoArgs {
             sizes: vec![64, 8 << 10, 64 << 10],
             lat_conns: 1,
             lat_depth: 1,
-            iters: 3000,
-            lat_duration: Duration::from_millis(500),
+            iters: 10_000,
+            lat_duration: Duration::from_millis(600),
             tput_conns: 16,
             tput_depth: 16,
-            tput_duration: Duration::from_millis(800),
+            tput_duration: Duration::from_millis(900),
             server: self.server,
             server_workers: 0,
             pingpong: true,
             redis: !self.no_redis,
-            rounds: 2,
+            rounds: 6,
         }
     }
 }

@@ -282,3 +282,54 @@ fn prepare(systems: &Systems, op: BenchOp, size: usize) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::Verdict;
+
+    /// End to end against a real embedded memory server, ping-pong and redis-server (installed by .ci/run).
+    #[test]
+    fn small_suite_measures_every_system_and_evaluates_the_bars() {
+        let cfg = SuiteConfig {
+            tool: "test".into(),
+            op: BenchOp::Read,
+            sizes: vec![8, 8192],
+            lat_conns: 1,
+            lat_depth: 1,
+            iters: 200,
+            lat_duration: Duration::from_millis(300),
+            tput_conns: 16,
+            tput_depth: 16,
+            tput_duration: Duration::from_millis(150),
+            server: None,
+            server_workers: 1,
+            pingpong: true,
+            redis: true,
+            rounds: 2,
+        };
+        let t = Instant::now();
+        let r = run_suite(&cfg).expect("suite runs");
+        assert!(t.elapsed() < Duration::from_secs(30), "took {:?}", t.elapsed());
+        assert!(matches!(r.redis, Baseline::Ran { .. }), "redis-server must be installed: {:?}", r.redis);
+        assert_eq!(r.measurements.len(), 2 * 2 * 3, "2 sizes x 2 phases x 3 systems");
+        for m in &r.measurements {
+            assert!(m.figures.ops > 0 && m.figures.p50_us > 0.0, "{m:?}");
+            if m.phase == Phase::Latency {
+                assert_eq!(m.figures.ops, 200, "latency phases are bounded by --iters: {m:?}");
+            }
+        }
+        let fp = r.find(System::Farpool, Phase::Throughput, 8192).unwrap();
+        assert!(fp.server_cpu_us_per_op.is_some() && fp.client_cpu_us_per_op.is_some());
+        assert!(r.bars.iter().all(|b| b.verdict != Verdict::NotEvaluated), "{:?}", r.bars);
+        assert!(r.server.starts_with("embedded"));
+    }
+
+    #[test]
+    fn data_written_through_farpool_reads_back() {
+        let t = FarpoolTarget::start(None, 1).unwrap();
+        let data: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+        t.verify_round_trip(&data).unwrap();
+        assert!(t.describe().contains("embedded"));
+    }
+}

@@ -58,6 +58,8 @@ pub struct BufferStats {
     pub far_puts: u64,
     /// Disk reads retried because a write-back of the page was in flight.
     pub stale_retries: u64,
+    /// Pages handed to the far tier's prefetch by [`BufferManager::scan_hint`].
+    pub scan_hinted: u64,
 }
 
 #[derive(Debug, Default)]
@@ -68,6 +70,7 @@ struct Counters {
     disk_writes: AtomicU64,
     far_puts: AtomicU64,
     stale_retries: AtomicU64,
+    scan_hinted: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -159,7 +162,27 @@ impl BufferManager {
             disk_writes: l(&s.disk_writes),
             far_puts: l(&s.far_puts),
             stale_retries: l(&s.stale_retries),
+            scan_hinted: l(&s.scan_hinted),
         }
+    }
+
+    /// Declare a range scan (or any set of pages about to be pinned): the pages not in a frame are handed
+    /// to the far tier's [`PageTier::prefetch`], which fetches them into its staging buffer in the
+    /// background, so their pins are served without waiting for a far round trip. Pages beyond the file
+    /// are ignored. Returns how many pages were hinted (0 without a far tier). The hint never changes
+    /// what a pin returns: a staged copy is used only if it is still the tier's current version and at
+    /// least the page's newest LSN.
+    pub fn scan_hint(&self, pages: &[u64]) -> usize {
+        let Some(t) = &self.tier else { return 0 };
+        let want: Vec<u64> = {
+            let map = self.map.lock();
+            pages.iter().copied().filter(|&p| p < self.pages() && !map.0.contains_key(&p)).collect()
+        };
+        if !want.is_empty() {
+            t.prefetch(&want);
+            self.stats.scan_hinted.fetch_add(want.len() as u64, Ordering::Relaxed);
+        }
+        want.len()
     }
 
     /// Pin `page`, loading it (far tier first, then disk) if it is not in a frame.

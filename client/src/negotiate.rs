@@ -194,9 +194,12 @@ mod tests {
     }
 
     #[test]
-    fn today_auto_is_tcp() {
+    fn detected_caps_pick_shm_on_this_host_and_tcp_elsewhere() {
         let local = LocalCaps::detect();
+        assert!(local.shm && !local.host_id.is_empty());
         let n = negotiate(TransportChoice::Auto, &offer(FEATURE_TCP | FEATURE_SHM, &local.host_id), &local).unwrap();
+        assert_eq!(n.kind, TransportKind::Shm);
+        let n = negotiate(TransportChoice::Auto, &offer(FEATURE_TCP | FEATURE_SHM, "another-host"), &local).unwrap();
         assert_eq!(n.kind, TransportKind::Tcp);
     }
 }

@@ -132,8 +132,9 @@ impl Core {
         match r {
             Ok((conn, negotiated)) => {
                 st.hello = Some(conn.hello().clone());
-                st.shm = (negotiated.kind == TransportKind::Shm)
-                    .then(|| crate::shm::ShmMaps::new(&conn.hello().shm_path, self.cfg.op_timeout));
+                st.shm = (negotiated.kind == TransportKind::Shm).then(|| {
+                    crate::shm::ShmMaps::new(&conn.hello().shm_path, conn.hello().slab_size, self.cfg.op_timeout)
+                });
                 st.negotiated = Some(negotiated);
                 st.last_error = None;
                 st.generation = generation;
@@ -256,11 +257,14 @@ impl Core {
     }
 
     /// The shm mappings of `server` (connecting first if needed); `Unsupported` unless shm was negotiated.
-    fn shm_maps(&self, server: usize) -> Result<Arc<crate::shm::ShmMaps>> {
+    pub(crate) fn shm_maps(&self, server: usize) -> Result<Arc<crate::shm::ShmMaps>> {
         self.conn(server)?;
-        self.slot(server)?.state.lock().shm.clone().ok_or_else(|| {
-            Error::new(ErrorKind::Unsupported, format!("shm was not negotiated with server {server}"))
-        })
+        self.slot(server)?
+            .state
+            .lock()
+            .shm
+            .clone()
+            .ok_or_else(|| Error::new(ErrorKind::Unsupported, format!("shm was not negotiated with server {server}")))
     }
 
     /// Unmap the shm grants of `l` whose slab matches `which` (nothing when shm is not in use).
@@ -447,6 +451,12 @@ impl Pool {
             (0, Some(e)) => Err(e),
             _ => Ok(()),
         }
+    }
+
+    /// The shared core (tests inside the crate).
+    #[cfg(test)]
+    pub(crate) fn core(&self) -> &Core {
+        &self.core
     }
 
     /// Number of configured servers.

@@ -103,6 +103,8 @@ pub struct TcpTransport {
     broken: Option<ErrorKind>,
     hello: HelloOk,
     opts: TcpOptions,
+    /// The socket's current SO_RCVTIMEO, to skip the setsockopt when it is unchanged.
+    read_timeout: Duration,
 }
 
 impl TcpTransport {
@@ -121,6 +123,7 @@ impl TcpTransport {
             broken: None,
             hello,
             opts,
+            read_timeout: Duration::ZERO,
         })
     }
 
@@ -250,9 +253,12 @@ impl Transport for TcpTransport {
                         self.break_with(ErrorKind::Timeout, "server did not answer within op_timeout");
                         continue;
                     }
-                    let wait = timeout.min(left).max(Duration::from_millis(1));
-                    let _ = self.stream.set_read_timeout(Some(wait));
-                    match self.reader.fill(&mut self.stream) {
+                    // Whole milliseconds, so the common case (the caller's constant wait) hits the cache.
+                    let wait = Duration::from_millis(timeout.min(left).as_millis().max(1) as u64);
+                    if wait != self.read_timeout && self.stream.set_read_timeout(Some(wait)).is_ok() {
+                        self.read_timeout = wait;
+                    }
+                    match self.reader.fill_fd(&self.stream) {
                         Ok(_) => {}
                         Err(e) if e.kind() == ErrorKind::Timeout => {
                             if timeout <= left {

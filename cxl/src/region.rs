@@ -98,6 +98,16 @@ impl Region {
         Ok(())
     }
 
+    /// Copy `dst.len()` bytes at `offset` into possibly uninitialized memory (a socket buffer's spare
+    /// capacity): every byte of `dst` is written on `Ok`.
+    pub fn read_uninit(&self, offset: u64, dst: &mut bytes::buf::UninitSlice) -> Result<()> {
+        let o = self.check(offset, dst.len())?;
+        // SAFETY: source range checked in bounds of the live mapping; `dst` is a buffer outside the
+        // mapping, valid for `dst.len()` writes; copy_nonoverlapping never reads the destination.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(o), dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
     /// Copy `src` to `offset`.
     pub fn write_at(&self, offset: u64, src: &[u8]) -> Result<()> {
         let o = self.check(offset, src.len())?;

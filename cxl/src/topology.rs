@@ -13,6 +13,11 @@
 //! - `sys/bus/dax/devices/daxX.Y/{size,target_node,align}` and its `driver` link (`device_dax` =
 //!   devdax mode, `kmem` = onlined as system RAM).
 //!
+//! No `hwloc` feature: the `hwlocality` crate needs libhwloc 2.x (`libhwloc-dev`), which this machine
+//! and CI do not have, and its `vendored` build compiles hwloc's C sources (minutes on the shared
+//! 2-core builders). Everything the pool decides on (CPU-less nodes, distances, tiers, HMAT, dax)
+//! is in sysfs, read here directly. (The old `hwloc` crate returns wrong data with hwloc 2.x.)
+//!
 //! Invariant: discovery never fails because an optional file is missing or malformed: what cannot be
 //! read is `None`/empty. Only a missing node directory is an error.
 

@@ -54,7 +54,7 @@ pub enum Command {
 #[derive(Debug, Default, Args)]
 pub struct ServeArgs {
     /// TOML file with any of: listen, capacity, slab_size, backing, lease_ms, metrics, log, max_connections,
-    /// shutdown_grace, workers. Flags override it.
+    /// shutdown_grace, workers, shm (bool), shm_socket. Flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:7070]; port 0 picks a free port.
@@ -193,6 +193,8 @@ struct FileConfig {
     max_connections: Option<usize>,
     shutdown_grace: Option<String>,
     workers: Option<usize>,
+    shm: Option<bool>,
+    shm_socket: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -254,6 +256,8 @@ fn apply_file(cfg: &mut ServerConfig, f: &FileConfig) -> Result<()> {
     cfg.lease_ms = f.lease_ms.unwrap_or(cfg.lease_ms);
     cfg.max_connections = f.max_connections.unwrap_or(cfg.max_connections);
     cfg.workers = f.workers.unwrap_or(cfg.workers);
+    cfg.shm_enabled = f.shm.unwrap_or(cfg.shm_enabled);
+    cfg.shm_socket = f.shm_socket.clone().or_else(|| cfg.shm_socket.clone());
     Ok(())
 }
 
@@ -295,6 +299,32 @@ mod tests {
         std::fs::write(&path, "capacty = 1\n").unwrap();
         let e = cli.serve.resolve().unwrap_err();
         assert!(e.message().contains("unknown field"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn shm_settings_come_from_file_and_flags() {
+        let dir = std::env::temp_dir().join(format!("farpool-memserver-cli-shm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("server.toml");
+        std::fs::write(&path, "shm_socket = \"/tmp/from-file.sock\"\n").unwrap();
+        let args = |extra: &[&str]| {
+            let mut v = vec!["farpool-memserver", "--config", path.to_str().unwrap()];
+            v.extend_from_slice(extra);
+            Cli::try_parse_from(v).unwrap().serve.resolve().unwrap().0
+        };
+        let cfg = args(&[]);
+        assert!(cfg.shm_enabled && cfg.shm_socket.as_deref() == Some(std::path::Path::new("/tmp/from-file.sock")));
+        let cfg = args(&["--shm-socket", "/tmp/flag.sock"]);
+        assert_eq!(cfg.shm_socket.as_deref(), Some(std::path::Path::new("/tmp/flag.sock")));
+        assert!(!args(&["--no-shm"]).shm_enabled);
+        std::fs::write(&path, "shm = false\n").unwrap();
+        assert!(!args(&[]).shm_enabled);
+        assert!(Cli::try_parse_from(["farpool-memserver", "--no-shm", "--shm-socket", "/x"]).is_err());
+        assert!(matches!(
+            Cli::try_parse_from(["farpool-memserver", "topology"]).unwrap().command,
+            Some(Command::Topology)
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

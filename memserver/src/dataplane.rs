@@ -21,7 +21,7 @@ pub fn execute(grants: &GrantTable, op: &OpReq, now_ms: u64, out: &mut BytesMut,
         WireOp::Read { len } => {
             let n = *len as usize;
             let r = grants.with_access(addr, u64::from(*len), false, now_ms, |mem, off| {
-                wire::encode_op_done_read(out, id, n, |dst| mem.region.read_at(off, dst))
+                wire::encode_op_done_read(out, id, n, |dst| mem.region.read_uninit(off, dst))
             });
             match r {
                 Ok(Ok(())) => {

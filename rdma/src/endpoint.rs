@@ -416,14 +416,18 @@ impl Endpoint {
 
     /// Tear the queue pair down (in-flight operations complete as `Cancelled`, or `Timeout` when
     /// overdue), create a new one, swap `QpInfo` with the peer through `exchange`, and connect.
+    /// On failure the endpoint stays `Broken`, so it can be retried.
     pub fn reconnect(&mut self, exchange: &mut dyn QpExchange) -> Result<()> {
         self.teardown();
         let qp = Qp::create(&self.ctx, &self.cq, &self.params)?;
         let local = qp.info(&self.ctx);
         self.qp = Some(qp);
         self.state = EndpointState::Unconnected;
-        let remote = exchange.exchange(&local)?;
-        self.connect(&remote)
+        let result = exchange.exchange(&local).and_then(|remote| self.connect(&remote));
+        if let Err(e) = &result {
+            self.state = EndpointState::Broken(format!("reconnect failed: {e}"));
+        }
+        result
     }
 
     /// Move the queue pair to the error state, collect the flushes (bounded), destroy it, and complete
@@ -454,6 +458,8 @@ impl Endpoint {
         }
         self.ring.reset();
         self.since_signal = 0;
+        self.watch = None;
+        self.empty_polls = 0;
     }
 
     /// Lifecycle state.

@@ -79,14 +79,16 @@ impl std::str::FromStr for Mode {
 pub struct FarSetup {
     external: Option<String>,
     far_max: u64,
+    server_workers: usize,
     embedded: Option<ServerHandle>,
     pools: HashMap<Mode, Arc<Pool>>,
 }
 
 impl FarSetup {
-    /// Use `external` if given, else start an embedded server when first needed.
-    pub fn new(external: Option<String>, far_max: u64) -> Result<Self> {
-        Ok(Self { external, far_max, embedded: None, pools: HashMap::new() })
+    /// Use `external` if given, else start an embedded server (with `server_workers` I/O threads) when
+    /// first needed.
+    pub fn new(external: Option<String>, far_max: u64, server_workers: usize) -> Result<Self> {
+        Ok(Self { external, far_max, server_workers, embedded: None, pools: HashMap::new() })
     }
 
     fn addr(&mut self) -> Result<String> {
@@ -100,7 +102,7 @@ impl FarSetup {
                 .with_capacity_bytes(capacity)
                 .with_slab_size_bytes(SLAB_BYTES)
                 .with_backing(farpool_cxl::backing::Backing::Memfd)
-                .with_workers(2);
+                .with_workers(self.server_workers);
             let h = Server::start(cfg).context("start the embedded memory server")?;
             eprintln!(
                 "embedded memory server on {} ({} memfd pool)",

@@ -97,6 +97,48 @@ fn far_tier_serves_misses_and_never_an_old_version() {
 }
 
 #[test]
+fn scan_hint_prefetches_from_the_far_tier() {
+    let (dir, f) = temp_file("scan", 64);
+    let backend = Arc::new(MemBackend::new(1, 4, 1 << 20));
+    // No scan detector: only the explicit hint may prefetch.
+    let tier = PageTier::builder(backend)
+        .with_page_size(PS)
+        .with_capacity_bytes(0, 4 << 20)
+        .with_scan_detect(false)
+        .build()
+        .unwrap();
+    let bm = BufferManager::new(f, 4, Some(tier)).unwrap();
+    for page in 0..64 {
+        drop(bm.pin(page).unwrap()); // each page passes through the frames and is put into the tier
+    }
+    let tier = bm.tier().unwrap();
+    tier.flush(std::time::Duration::from_secs(10)).unwrap();
+    assert_eq!(tier.stats().prefetch_requested, 0);
+    assert_eq!(bm.scan_hint(&[]), 0);
+    // 10..30 are in the tier only, 62 is in a frame, 1000 is beyond the file: 20 pages are hinted.
+    let scan: Vec<u64> = (10..30).chain([62, 1000]).collect();
+    assert_eq!(bm.scan_hint(&scan), 20);
+    assert_eq!(bm.stats().scan_hinted, 20);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tier.stats().prefetch_loaded < 20 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert_eq!(tier.stats().prefetch_requested, 20);
+    for page in 10..30 {
+        let p = bm.pin(page).unwrap();
+        assert_eq!(p.source(), Source::Far, "page {page}");
+        assert_eq!(page_id_of(p.read().as_slice()), page);
+    }
+    assert_eq!(tier.stats().hits_prefetched, 20, "every scanned page came from the staging buffer");
+    // Not hinted: a far round trip, not a prefetched copy.
+    assert_eq!(bm.pin(40).unwrap().source(), Source::Far);
+    let ts = tier.stats();
+    assert_eq!((ts.hits_prefetched, ts.prefetch_requested), (20, 20), "{ts:?}");
+    ts.assert_consistent();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn all_pinned_is_an_error_and_bad_pages_are_refused() {
     let (dir, f) = temp_file("pins", 8);
     println!("O_DIRECT: {}", f.is_direct());

@@ -14,6 +14,7 @@ use super::arena::{Arena, SlotRef};
 use super::backend::FarBackend;
 use super::io::Endpoints;
 use super::layout;
+use super::lost::LostPages;
 use super::prefetch::Prefetcher;
 use super::slot::Transition;
 use super::stats::Counters;
@@ -39,6 +40,8 @@ pub(crate) struct Inner {
     pub(crate) queue_rx: Receiver<PutItem>,
     pub(crate) endpoints: Endpoints,
     pub(crate) prefetch: Prefetcher,
+    /// Pages purged with their slab, so their next get is counted with the right reason.
+    pub(crate) lost: LostPages,
     pub(crate) shutdown: AtomicBool,
     /// When the last failed lease happened (growth backs off for `grow_retry`).
     grow: Mutex<Option<Instant>>,
@@ -63,6 +66,7 @@ impl Inner {
             queue_rx,
             endpoints: Endpoints::new(cfg.endpoints_idle_max),
             prefetch: Prefetcher::new(&cfg),
+            lost: LostPages::default(),
             shutdown: AtomicBool::new(false),
             grow: Mutex::new(None),
             cfg,
@@ -114,6 +118,7 @@ impl Inner {
         if let Some(old) = shard.insert(page, entry) {
             self.release_place(old.place);
         }
+        self.lost.forget(page);
         self.prefetch.forget(page);
         if self.queue_tx.try_send(PutItem { page, version }).is_err() {
             shard.remove(&page);
@@ -124,7 +129,11 @@ impl Inner {
     }
 
     pub(crate) fn invalidate(&self, page: u64) -> bool {
-        let removed = self.table.shard(page).remove(&page).map(|e| self.release_place(e.place)).is_some();
+        let removed = {
+            let mut shard = self.table.shard(page);
+            self.lost.forget(page);
+            shard.remove(&page).map(|e| self.release_place(e.place)).is_some()
+        };
         self.prefetch.forget(page);
         if removed {
             Counters::add(&self.stats.invalidations, 1);
@@ -134,15 +143,18 @@ impl Inner {
 
     /// A slot to write into: a free one, one from a new slab, or an evicted one.
     pub(crate) fn alloc_slot(&self) -> Option<SlotRef> {
+        self.alloc_free_slot().or_else(|| self.evict_one())
+    }
+
+    /// A free slot or one from a new slab, never an evicted one.
+    pub(crate) fn alloc_free_slot(&self) -> Option<SlotRef> {
         if let Some(r) = self.arena.claim_free() {
             return Some(r);
         }
-        if self.try_grow(1) > 0
-            && let Some(r) = self.arena.claim_free()
-        {
-            return Some(r);
+        if self.try_grow(1) > 0 {
+            return self.arena.claim_free();
         }
-        self.evict_one()
+        None
     }
 
     fn evict_one(&self) -> Option<SlotRef> {

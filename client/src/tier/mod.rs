@@ -37,6 +37,7 @@ mod elastic;
 mod inner;
 mod io;
 pub mod layout;
+mod lost;
 pub mod mem;
 mod pool_backend;
 mod prefetch;
@@ -86,6 +87,7 @@ pub(crate) struct TierConfig {
     pub(crate) queue_depth: usize,
     pub(crate) writer_threads: usize,
     pub(crate) batch_max: usize,
+    pub(crate) write_linger: Duration,
     pub(crate) admit_min_puts: u8,
     pub(crate) prefetch_window_max: usize,
     pub(crate) prefetch_queue_depth: usize,
@@ -131,6 +133,14 @@ impl PageTierBuilder {
     /// Largest batch of far operations posted at once. Default 32.
     pub fn with_batch_max(mut self, ops: usize) -> Self {
         self.cfg.batch_max = ops;
+        self
+    }
+
+    /// How long a writer waits for more puts when its batch is small (under a quarter of `batch_max`),
+    /// so that one round trip carries several pages; zero writes each page as soon as it is queued.
+    /// Default 200 us.
+    pub fn with_write_linger(mut self, linger: Duration) -> Self {
+        self.cfg.write_linger = linger;
         self
     }
 
@@ -230,6 +240,7 @@ impl PageTier {
             queue_depth: 1024,
             writer_threads: 2,
             batch_max: 32,
+            write_linger: Duration::from_micros(200),
             admit_min_puts: 2,
             prefetch_window_max: 32,
             prefetch_queue_depth: 1024,

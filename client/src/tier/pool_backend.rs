@@ -2,8 +2,10 @@
 //!
 //! Each slab is leased as its own one-slab lease, so the tier can give slabs back one by one after a
 //! revoke notice. Server ids in the tier are the pool's server indices. Pool events are translated on a
-//! small thread per subscriber (it ends when the pool's event stream ends or the tier stops listening): revoke notices (deadline -> grace), revocations, lost leases (their
-//! slabs are revoked), servers down, and goodbyes (every slab on that server gets a notice).
+//! small thread per subscriber (it ends when the pool's event stream ends or the tier stops listening):
+//! revoke notices (deadline -> grace), revocations, lost leases (their slabs are revoked), servers down,
+//! and goodbyes (every slab on that server gets a notice). A revoked or lost lease leaves the backend's
+//! registry when its event is translated, so dead leases are not kept.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -112,7 +114,12 @@ fn translate(ev: PoolEvent, leases: &Mutex<HashMap<(ServerId, SlabId), Lease>>) 
         PoolEvent::RevokeNotice { server, slabs, deadline, .. } => {
             vec![BackendEvent::RevokeNotice { server: server_id(server), slabs, grace: grace(deadline) }]
         }
-        PoolEvent::Revoked { server, slabs, .. } => vec![BackendEvent::Revoked { server: server_id(server), slabs }],
+        PoolEvent::Revoked { server, slabs, .. } => {
+            let s = server_id(server);
+            let mut held = leases.lock();
+            slabs.iter().for_each(|slab| drop(held.remove(&(s, *slab))));
+            vec![BackendEvent::Revoked { server: s, slabs }]
+        }
         PoolEvent::ServerDown { server, .. } => vec![BackendEvent::ServerDown { server: server_id(server) }],
         PoolEvent::ServerGoodbye { server, deadline, .. } => {
             let s = server_id(server);
@@ -120,7 +127,10 @@ fn translate(ev: PoolEvent, leases: &Mutex<HashMap<(ServerId, SlabId), Lease>>) 
             vec![BackendEvent::RevokeNotice { server: s, slabs, grace: grace(deadline) }]
         }
         PoolEvent::LeaseLost { server, lease, .. } => match slabs_of_lease(leases, lease) {
-            Some((_, slab)) => vec![BackendEvent::Revoked { server: server_id(server), slabs: vec![slab] }],
+            Some(key) => {
+                leases.lock().remove(&key);
+                vec![BackendEvent::Revoked { server: server_id(server), slabs: vec![key.1] }]
+            }
             None => vec![],
         },
     }

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -45,6 +45,8 @@ struct Staging {
 #[derive(Debug)]
 pub(crate) struct Prefetcher {
     staged: Mutex<Staging>,
+    /// Pages in `staged.map` (kept under its lock): lets `take`/`forget` skip the lock when empty.
+    staged_len: AtomicUsize,
     streams: Mutex<([Stream; STREAMS], usize)>,
     pub(crate) tx: Sender<u64>,
     rx: Receiver<u64>,
@@ -58,6 +60,7 @@ impl Prefetcher {
         let (tx, rx) = crossbeam_channel::bounded(cfg.prefetch_queue_depth);
         Self {
             staged: Mutex::new(Staging::default()),
+            staged_len: AtomicUsize::new(0),
             streams: Mutex::new(([Stream::default(); STREAMS], 0)),
             tx,
             rx,
@@ -69,7 +72,17 @@ impl Prefetcher {
 
     /// Drop any staged copy of `page`.
     pub(crate) fn forget(&self, page: u64) {
-        self.staged.lock().map.remove(&page);
+        let _ = self.unstage(page);
+    }
+
+    fn unstage(&self, page: u64) -> Option<(u64, Bytes)> {
+        if self.staged_len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut s = self.staged.lock();
+        let r = s.map.remove(&page);
+        self.staged_len.store(s.map.len(), Ordering::Release);
+        r
     }
 
     fn stage(&self, page: u64, version: u64, bytes: Bytes) {
@@ -83,11 +96,12 @@ impl Prefetcher {
                 s.map.remove(&old);
             }
         }
+        self.staged_len.store(s.map.len(), Ordering::Release);
     }
 
     /// Serve `page` from staging if the table still holds that version and it is >= `min`.
     pub(crate) fn take(&self, inner: &Inner, page: u64, min: u64, buf: &mut [u8]) -> Option<u64> {
-        let (version, bytes) = self.staged.lock().map.remove(&page)?;
+        let (version, bytes) = self.unstage(page)?;
         let current = inner.table.shard(page).get(&page).map(|e| e.version);
         if version < min || current != Some(version) {
             return None;

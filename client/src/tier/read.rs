@@ -6,7 +6,6 @@
 //! still `PUBLISHED` in the generation the table named after the read (so the slot was not reused while
 //! we read it). Anything else is a miss with its reason.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use farpool_core::{ErrorKind, RemoteAddr, ServerId};
@@ -50,7 +49,8 @@ impl Inner {
         assert!(out.len() >= reqs.len() * ps, "get buffer too small: {} for {} pages", out.len(), reqs.len());
         let mut res = vec![Lookup::Miss(MissReason::Absent); reqs.len()];
         let mut src = vec![Source::Far; reqs.len()];
-        let mut plans: HashMap<ServerId, Vec<Plan>> = HashMap::new();
+        // Few servers: a short list beats a hash map (no hasher set-up on every get).
+        let mut plans: Vec<(ServerId, Vec<Plan>)> = Vec::new();
         for (i, &(page, min)) in reqs.iter().enumerate() {
             let buf = &mut out[i * ps..(i + 1) * ps];
             if count && let Some(v) = self.prefetch.take(self, page, min, buf) {
@@ -58,12 +58,18 @@ impl Inner {
                 src[i] = Source::Prefetched;
                 continue;
             }
-            match self.local_step(i, page, min, buf) {
+            match self.local_step(i, page, min, buf, count) {
                 Ok(Step::Served(v)) => {
                     res[i] = Lookup::Hit { version: v };
                     src[i] = Source::Queued;
                 }
-                Ok(Step::Read(p)) => plans.entry(self.arena.slab(p.slot.slab).server()).or_default().push(p),
+                Ok(Step::Read(p)) => {
+                    let server = self.arena.slab(p.slot.slab).server();
+                    match plans.iter_mut().find(|(s, _)| *s == server) {
+                        Some((_, list)) => list.push(p),
+                        None => plans.push((server, vec![p])),
+                    }
+                }
                 Err(reason) => res[i] = Lookup::Miss(reason),
             }
         }
@@ -77,9 +83,13 @@ impl Inner {
     }
 
     /// Under the shard lock: served from a queued image, a far read to do, or a miss decided locally.
-    fn local_step(&self, idx: usize, page: u64, min: u64, buf: &mut [u8]) -> Result<Step, MissReason> {
+    /// Only a counted get consumes the record of a lost page.
+    fn local_step(&self, idx: usize, page: u64, min: u64, buf: &mut [u8], count: bool) -> Result<Step, MissReason> {
         let mut shard = self.table.shard(page);
-        let Some(e) = shard.get(&page) else { return Err(MissReason::Absent) };
+        let Some(e) = shard.get(&page) else {
+            let lost = if count { self.lost.take(page) } else { None };
+            return Err(lost.unwrap_or(MissReason::Absent));
+        };
         if e.version < min {
             return Err(MissReason::Stale);
         }
@@ -130,7 +140,7 @@ impl Inner {
                 }
                 Err(why) => {
                     tracing::warn!(page = p.page, version = p.version, ?why, "page tier: far slot failed its check");
-                    self.drop_if_current(p.page, p.slot);
+                    self.drop_if_current(p.page, p.slot, None);
                     res[p.idx] = Lookup::Miss(MissReason::Checksum);
                 }
             }
@@ -142,23 +152,27 @@ impl Inner {
         match kind {
             ErrorKind::Revoked | ErrorKind::Unauthorized | ErrorKind::OutOfRange => {
                 self.arena.set_state(p.slot.slab, SlabState::Revoked);
-                self.drop_if_current(p.page, p.slot);
+                self.drop_if_current(p.page, p.slot, None);
                 MissReason::Revoked
             }
             ErrorKind::Unreachable | ErrorKind::Closed => {
                 self.server_lost(self.arena.slab(p.slot.slab).server());
-                self.drop_if_current(p.page, p.slot);
+                self.drop_if_current(p.page, p.slot, None);
                 MissReason::ServerDown
             }
             _ => MissReason::ServerDown,
         }
     }
 
-    /// Remove the entry of `page` if it still names `slot` (and free the slot).
-    pub(crate) fn drop_if_current(&self, page: u64, slot: SlotRef) -> bool {
+    /// Remove the entry of `page` if it still names `slot` (and free the slot); with `lost`, remember why
+    /// for the page's next get.
+    pub(crate) fn drop_if_current(&self, page: u64, slot: SlotRef, lost: Option<MissReason>) -> bool {
         let mut shard = self.table.shard(page);
         if matches!(shard.get(&page), Some(e) if e.place.slot() == Some(slot)) {
             let e = shard.remove(&page).expect("entry present");
+            if let Some(reason) = lost {
+                self.lost.record(page, reason);
+            }
             drop(shard);
             self.release_place(e.place);
             return true;

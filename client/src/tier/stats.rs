@@ -122,6 +122,9 @@ counters! {
     pages_migrated,
     /// Pages dropped because their slab went away.
     pages_dropped,
+    /// Batches of far writes posted by the writer threads (`puts_published + puts_failed` over this is
+    /// the mean batch size).
+    write_batches,
     /// EWMA of the far read round trip, nanoseconds.
     rtt_ewma_ns,
 }

@@ -6,6 +6,8 @@
 //! slot is never referenced by an entry once it may be reused.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU8, AtomicU64};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, MutexGuard};
@@ -69,18 +71,19 @@ impl Table {
     }
 }
 
-/// A count-min sketch of page frequencies (4 rows of 4-bit-ish counters kept in `u8`), halved every
-/// `reset_after` increments so it tracks recent popularity. Admission uses it to keep one-hit wonders out.
+/// A count-min sketch of page frequencies (4 rows of counters saturating at 15, kept in `u8`), halved
+/// every `reset_after` increments so it tracks recent popularity. Admission uses it to keep one-hit
+/// wonders out.
+///
+/// Lock-free: counters are relaxed atomics, updated with plain load/store (two racing increments of one
+/// counter may count once, and a halving pass races with increments): an estimate, as a sketch is
+/// anyway, for the price of no lock on the put path. Exactly one thread runs each halving pass (the one
+/// whose increment crossed the threshold).
 #[derive(Debug)]
 pub(crate) struct Sketch {
-    rows: Mutex<SketchRows>,
-}
-
-#[derive(Debug)]
-struct SketchRows {
-    counts: Vec<u8>,
+    counts: Box<[AtomicU8]>,
     width: usize,
-    increments: u64,
+    increments: AtomicU64,
     reset_after: u64,
 }
 
@@ -91,34 +94,33 @@ impl Sketch {
     /// A sketch sized for about `items` distinct hot pages.
     pub(crate) fn new(items: usize) -> Self {
         let width = items.clamp(64, 1 << 22).next_power_of_two();
-        let rows = SketchRows { counts: vec![0; width * 4], width, increments: 0, reset_after: 10 * width as u64 };
-        Self { rows: Mutex::new(rows) }
+        let counts = (0..width * 4).map(|_| AtomicU8::new(0)).collect();
+        Self { counts, width, increments: AtomicU64::new(0), reset_after: 10 * width as u64 }
     }
 
-    fn index(width: usize, row: usize, page: u64) -> usize {
+    fn index(&self, row: usize, page: u64) -> usize {
         let h = (page ^ (row as u64)).wrapping_mul(SEEDS[row]);
-        row * width + ((h >> 32) as usize & (width - 1))
+        row * self.width + ((h >> 32) as usize & (self.width - 1))
     }
 
     /// Count one occurrence of `page`.
     pub(crate) fn record(&self, page: u64) {
-        let mut r = self.rows.lock();
-        let w = r.width;
         for row in 0..4 {
-            let i = Self::index(w, row, page);
-            r.counts[i] = (r.counts[i] + 1).min(COUNT_MAX);
+            let c = &self.counts[self.index(row, page)];
+            let v = c.load(Relaxed);
+            if v < COUNT_MAX {
+                c.store(v + 1, Relaxed);
+            }
         }
-        r.increments += 1;
-        if r.increments >= r.reset_after {
-            r.increments = 0;
-            r.counts.iter_mut().for_each(|c| *c /= 2);
+        if self.increments.fetch_add(1, Relaxed) + 1 == self.reset_after {
+            self.increments.store(0, Relaxed);
+            self.counts.iter().for_each(|c| c.store(c.load(Relaxed) / 2, Relaxed));
         }
     }
 
     /// Estimated recent count of `page`.
     pub(crate) fn estimate(&self, page: u64) -> u8 {
-        let r = self.rows.lock();
-        (0..4).map(|row| r.counts[Self::index(r.width, row, page)]).min().unwrap_or(0)
+        (0..4).map(|row| self.counts[self.index(row, page)].load(Relaxed)).min().unwrap_or(0)
     }
 }
 

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::RecvTimeoutError;
@@ -30,22 +30,34 @@ struct Job {
 }
 
 /// The writer thread body: runs until shutdown, then cancels what is left in the queue.
+///
+/// A batch is whatever is queued, up to `batch_max`; when that is less than a quarter of `batch_max`
+/// the writer lingers up to `write_linger` for more, so one round trip (one send, one receive on each
+/// side) carries several pages instead of one. Queued pages are served from their image meanwhile.
 pub(crate) fn writer_loop(inner: Arc<Inner>) {
     let rx = inner.queue_rx.clone();
+    let linger = inner.cfg.write_linger;
+    let mut batch = Vec::with_capacity(inner.cfg.batch_max);
     while !inner.stopping() {
         let first = match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(it) => it,
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => break,
         };
-        let mut batch = vec![first];
+        batch.push(first);
+        let until = Instant::now() + linger;
         while batch.len() < inner.cfg.batch_max {
             match rx.try_recv() {
                 Ok(it) => batch.push(it),
-                Err(_) => break,
+                Err(_) if batch.len() * 4 >= inner.cfg.batch_max || linger.is_zero() => break,
+                Err(_) => match rx.recv_deadline(until) {
+                    Ok(it) => batch.push(it),
+                    Err(_) => break,
+                },
             }
         }
-        inner.write_batch(batch);
+        Counters::add(&inner.stats.write_batches, 1);
+        inner.write_batch(batch.drain(..));
     }
     while let Ok(it) = rx.try_recv() {
         inner.abandon(&it);
@@ -95,7 +107,7 @@ impl Inner {
         }
     }
 
-    pub(crate) fn write_batch(&self, items: Vec<PutItem>) {
+    pub(crate) fn write_batch(&self, items: impl IntoIterator<Item = PutItem>) {
         let mut by_server: HashMap<ServerId, Vec<Job>> = HashMap::new();
         for it in items {
             if let Some(job) = self.place(it) {

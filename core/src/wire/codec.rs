@@ -1,5 +1,6 @@
 //! Encoding and bounded decoding of frames.
 
+use bytes::buf::UninitSlice;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::msg::*;
@@ -125,12 +126,13 @@ pub fn encode_op(out: &mut BytesMut, id: u64, addr: &RemoteAddr, op: &WireOp) {
 }
 
 /// Encode a successful READ completion whose `len` payload bytes are written in place by `fill`
-/// (the server copies straight from its pool into the socket buffer).
+/// (the server copies straight from its pool into the socket buffer, without zeroing it first).
+/// `fill` must write every byte of the slice when it returns `Ok`; on `Err` nothing is appended.
 pub fn encode_op_done_read<E>(
     out: &mut BytesMut,
     id: u64,
     len: usize,
-    fill: impl FnOnce(&mut [u8]) -> std::result::Result<(), E>,
+    fill: impl FnOnce(&mut UninitSlice) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E> {
     out.reserve(4 + 1 + 8 + 1 + 1 + 4 + len);
     let at = start_frame(out);
@@ -139,9 +141,7 @@ pub fn encode_op_done_read<E>(
     out.put_u8(0);
     out.put_u8(result_tag::DATA);
     out.put_u32_le(len as u32);
-    let start = out.len();
-    out.resize(start + len, 0);
-    match fill(&mut out[start..]) {
+    match crate::buf::put_filled(out, len, fill) {
         Ok(()) => {
             finish_frame(out, at);
             Ok(())
@@ -553,6 +553,16 @@ impl FrameReader {
                 return Ok(m);
             }
             self.fill(r)?;
+        }
+    }
+
+    /// Like [`FrameReader::fill`] for a file descriptor (socket): reads straight into the buffer with
+    /// no intermediate copy.
+    pub fn fill_fd(&mut self, fd: &impl std::os::fd::AsFd) -> Result<usize> {
+        match crate::buf::read_fd_into(fd.as_fd(), &mut self.buf, Self::CHUNK) {
+            Ok(0) => Err(Error::new(ErrorKind::Closed, "peer closed the connection")),
+            Ok(n) => Ok(n),
+            Err(e) => Err(Error::io("reading from peer", e)),
         }
     }
 

@@ -76,6 +76,11 @@ impl ShmTransport {
         self.maps.remove(&slab)
     }
 
+    /// The mapping of a slab, if reachable.
+    pub fn mapping(&self, slab: SlabId) -> Option<&ShmMapping> {
+        self.maps.get(&slab)
+    }
+
     /// Slabs currently reachable.
     pub fn slabs(&self) -> impl Iterator<Item = SlabId> + '_ {
         self.maps.keys().copied()

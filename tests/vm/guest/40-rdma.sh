@@ -15,7 +15,8 @@
 #                        cargo test --release -p farpool-rdma --features rdma --test device --no-run
 #                        (copy the executable it names to target/vm-tests/farpool-rdma-device-tests)
 #   rdma-lat-read      8 B READ p50 of farpool-vm-rdma vs ib_read_lat t_typical in this boot, medians of 5
-#                      alternating rounds (bar: <= 1.2x; TCG timings only mean something as ratios)
+#                      alternating rounds (bar: <= 1.2x; TCG timings only mean something as
+#                      ratios; SKIP when ib_read_lat's own medians spread over 1.5x: host too loaded)
 # Outputs go to /mnt/host/out/rdma-*.txt.
 OUT=${FARPOOL_OUT:-/mnt/host/out}
 B=farpool-vm-rdma
@@ -78,9 +79,14 @@ if [ ${#PT[@]} != $ROUNDS ] || [ ${#OURS[@]} != $ROUNDS ]; then
   echo "RESULT rdma-lat-read FAIL missing numbers (ib_read_lat: ${PT[*]}; farpool: ${OURS[*]}; see $OUT)"
 else
   pt50=$(median "${PT[@]}"); ours=$(median "${OURS[@]}")
+  ptmin=$(printf '%s\n' "${PT[@]}" | sort -g | head -1); ptmax=$(printf '%s\n' "${PT[@]}" | sort -g | tail -1)
   ratio=$(awk -v a="$ours" -v b="$pt50" 'BEGIN { printf "%.2f", a / b }')
   why="8 B READ: farpool p50 ${ours} us vs ib_read_lat t_typical ${pt50} us (medians of $ROUNDS alternating rounds): ratio ${ratio}"
-  if awk -v r="$ratio" 'BEGIN { exit !(r <= 1.2) }'; then echo "RESULT rdma-lat-read PASS $why"
+  # The reference itself must be steady for the ratio to mean anything: on a loaded host the vCPU
+  # threads get descheduled and ib_read_lat's own median jumps by 10-100x between rounds.
+  if awk -v lo="$ptmin" -v hi="$ptmax" 'BEGIN { exit !(hi > 1.5 * lo) }'; then
+    echo "RESULT rdma-lat-read SKIP timing too noisy in this boot (ib_read_lat t_typical ranged ${ptmin}..${ptmax} us over $ROUNDS rounds); $why"
+  elif awk -v r="$ratio" 'BEGIN { exit !(r <= 1.2) }'; then echo "RESULT rdma-lat-read PASS $why"
   else echo "RESULT rdma-lat-read FAIL $why (bar 1.2)"; fi
 fi
 timeout 120 $B --device "$DEV" --bw read --size 65536 --iters 2000 --depth 16 2>&1 | tee "$OUT/rdma-bw-read.txt"

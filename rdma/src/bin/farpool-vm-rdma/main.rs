@@ -9,6 +9,7 @@
 //! farpool-vm-rdma --lat read|read-direct|write|faa|cas [--size 8] [--iters 1000] [--depth 1] [--spin POLLS]
 //!                 [--legacy-verbs]
 //! farpool-vm-rdma --bw read|write [--size 65536] [--iters 2000] [--depth 16]
+//! farpool-vm-rdma --listen PORT       (server only; then --lat/--bw ... --connect 127.0.0.1:PORT elsewhere)
 //! ```
 //! Checks print `RESULT rdma-<case> PASS|FAIL|SKIP <why>`; exit status 1 if any failed. Without a device
 //! the run prints `RESULT rdma-device SKIP no RDMA device (...)` and exits 0, or FAIL with
@@ -45,6 +46,8 @@ struct Args {
     depth: Option<usize>,
     spin: Option<u32>,
     legacy: bool,
+    listen: Option<u16>,
+    connect: Option<std::net::SocketAddr>,
     atomic_ops: u64,
     cases: Vec<String>,
 }
@@ -62,6 +65,8 @@ fn parse_args() -> std::result::Result<Args, String> {
         depth: None,
         spin: None,
         legacy: false,
+        listen: None,
+        connect: None,
         atomic_ops: 500,
         cases: Vec::new(),
     };
@@ -81,6 +86,8 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--depth" => a.depth = Some(num(val()?)? as usize),
             "--spin" => a.spin = Some(num(val()?)? as u32),
             "--legacy-verbs" => a.legacy = true,
+            "--listen" => a.listen = Some(num(val()?)? as u16),
+            "--connect" => a.connect = Some(val()?.parse().map_err(|_| "--connect 127.0.0.1:PORT")?),
             "--atomic-ops" => a.atomic_ops = num(val()?)?,
             "--case" => a.cases.push(val()?),
             "-h" | "--help" => return Err(String::new()),
@@ -99,7 +106,8 @@ fn usage() -> &'static str {
     "usage: farpool-vm-rdma [--device NAME] [--gid-index N] [--require-device] [--atomic-ops N] [--case NAME]...\n\
      \x20      farpool-vm-rdma --list\n\
      \x20      farpool-vm-rdma --lat read|read-direct|write|faa|cas [--size 8] [--iters 1000] [--depth 1] [--spin POLLS] [--legacy-verbs]\n\
-     \x20      farpool-vm-rdma --bw read|write [--size 65536] [--iters 2000] [--depth 16]\n\
+     \x20      farpool-vm-rdma --bw read|write [--size 65536] [--iters 2000] [--depth 16] [--connect ADDR]\n\
+     \x20      farpool-vm-rdma --listen PORT\n\
      cases: readwrite batch atomics revoke out-of-range peer-gone"
 }
 
@@ -147,17 +155,24 @@ fn run(args: &Args) -> Result<bool> {
             return Ok(true);
         }
     };
-    let server = Server::start(&ctx, SLABS, SLAB_LEN)?;
+    let server = Server::start(&ctx, SLABS, SLAB_LEN, args.listen.unwrap_or(0))?;
+    if args.listen.is_some() {
+        println!("listening on {}", server.addr());
+        loop {
+            std::thread::park();
+        }
+    }
+    let target = args.connect.unwrap_or(server.addr());
     let perf = |op, size, iters, depth| PerfArgs { op, size, iters, depth, spin: args.spin, legacy: args.legacy };
     if let Some(op) = args.lat {
         // Send queue depth 1 by default, as perftest's latency tests (ib_read_lat: "TX depth: 1").
         let a = perf(op, args.size.unwrap_or(8), args.iters.unwrap_or(1000), args.depth.unwrap_or(1));
-        perf::latency(&ctx, &server, &a)?;
+        perf::latency(&ctx, target, &a)?;
         return Ok(false);
     }
     if let Some(op) = args.bw {
         let a = perf(op, args.size.unwrap_or(65536), args.iters.unwrap_or(2000), args.depth.unwrap_or(16));
-        perf::bandwidth(&ctx, &server, &a)?;
+        perf::bandwidth(&ctx, target, &a)?;
         return Ok(false);
     }
     Ok(run_checks(args, &ctx, &server))

@@ -52,15 +52,16 @@ pub struct Server {
 }
 
 impl Server {
-    /// Register a zeroed pool of `nslabs * slab_len` bytes, grant every slab, listen on 127.0.0.1.
-    pub fn start(ctx: &Arc<Context>, nslabs: usize, slab_len: u64) -> Result<Arc<Server>> {
+    /// Register a zeroed pool of `nslabs * slab_len` bytes, grant every slab, listen on 127.0.0.1:`port`
+    /// (0: any free port).
+    pub fn start(ctx: &Arc<Context>, nslabs: usize, slab_len: u64, port: u16) -> Result<Arc<Server>> {
         let mem = vec![0u8; nslabs * slab_len as usize].into_boxed_slice();
         let pool = ctx.register_pool_owned(mem)?;
         let mut slabs = Vec::new();
         for i in 0..nslabs as u64 {
             slabs.push(Some(pool.grant(i * slab_len, slab_len)?));
         }
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| io("bind 127.0.0.1:0", e))?;
+        let listener = TcpListener::bind(("127.0.0.1", port)).map_err(|e| io("bind 127.0.0.1", e))?;
         let addr = listener.local_addr().map_err(|e| io("local_addr", e))?;
         let server = Arc::new(Server {
             ctx: ctx.clone(),

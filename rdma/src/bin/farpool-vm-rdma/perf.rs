@@ -1,5 +1,5 @@
 //! Latency and bandwidth modes, shaped like perftest's `ib_read_lat` / `ib_read_bw`: one client
-//! endpoint against the in-process server, zero-copy operations on a registered buffer, busy polling.
+//! endpoint against the in-process server (or another process's, `--connect`), zero-copy operations on a registered buffer, busy polling.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,7 +8,9 @@ use farpool_core::{ErrorKind, Result};
 use farpool_rdma::{Access, Context, DirectOp, Direction, EndpointConfig, LocalBuffer, Remote};
 
 use crate::fail;
-use crate::net::{Client, Server};
+use std::net::SocketAddr;
+
+use crate::net::Client;
 
 /// Which operation to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,9 +76,9 @@ impl PerfArgs {
 }
 
 /// One operation at a time on a send queue of `depth` (perftest's latency tests use 1); prints `lat op=.. size=.. iters=.. p50_us=.. p99_us=..`.
-pub fn latency(ctx: &Arc<Context>, server: &Server, a: &PerfArgs) -> Result<()> {
+pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<()> {
     let (op, size, iters) = (a.op, a.size, a.iters);
-    let mut c = Client::connect(ctx, server.addr(), a.config().with_inflight_max(a.depth.max(1)))?;
+    let mut c = Client::connect(ctx, server, a.config().with_inflight_max(a.depth.max(1)))?;
     let r = c.regions[0];
     if u64::from(size) > r.len {
         return fail(ErrorKind::Config, format!("--size {size} exceeds the slab of {} bytes", r.len));
@@ -131,7 +133,7 @@ pub fn latency(ctx: &Arc<Context>, server: &Server, a: &PerfArgs) -> Result<()> 
 }
 
 /// `depth` zero-copy operations kept in flight; prints `bw op=.. size=.. MiB_s=.. ops_s=..`.
-pub fn bandwidth(ctx: &Arc<Context>, server: &Server, a: &PerfArgs) -> Result<()> {
+pub fn bandwidth(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<()> {
     let (op, size, iters, depth) = (a.op, a.size, a.iters, a.depth);
     let dir = match op {
         PerfOp::Read => Direction::Read,
@@ -139,7 +141,7 @@ pub fn bandwidth(ctx: &Arc<Context>, server: &Server, a: &PerfArgs) -> Result<()
         _ => return fail(ErrorKind::Config, "--bw measures read or write"),
     };
     let cfg = a.config().with_inflight_max(depth.max(1));
-    let mut c = Client::connect(ctx, server.addr(), cfg)?;
+    let mut c = Client::connect(ctx, server, cfg)?;
     let r = c.regions[0];
     if u64::from(size) > r.len {
         return fail(ErrorKind::Config, format!("--size {size} exceeds the slab of {} bytes", r.len));
