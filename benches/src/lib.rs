@@ -24,6 +24,7 @@ pub mod progress;
 pub mod redis;
 pub mod render;
 pub mod report;
+pub mod shm;
 pub mod stats;
 pub mod suite;
 pub mod target;

@@ -8,7 +8,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use farpool_bench::{bufferpool, demo, tcp};
+use farpool_bench::{bufferpool, demo, shm, tcp};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -38,6 +38,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Buffer-pool workload: SSD only vs the far page tier over tcp/shm/rdma, Zipf and uniform, ~1 min.
     Bufferpool(bufferpool::Args),
+    /// Shared-memory transport: 8 KiB read/write latency and bandwidth beside a raw random memcpy.
+    Shm(shm::ShmArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         Command::Tcp(a) => tcp::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Bufferpool(a) => bufferpool::run(a),
+        Command::Shm(a) => shm::run(a),
     };
     match result {
         Ok(code) => code,

@@ -54,7 +54,8 @@ pub enum Command {
 #[derive(Debug, Default, Args)]
 pub struct ServeArgs {
     /// TOML file with any of: listen, capacity, slab_size, backing, lease_ms, metrics, log, max_connections,
-    /// shutdown_grace, workers, shm (bool), shm_socket. Flags override it.
+    /// shutdown_grace, workers, shm (bool), shm_socket, rdma (bool), rdma_device, rdma_gid_index.
+    /// Flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:7070]; port 0 picks a free port.
@@ -95,6 +96,16 @@ pub struct ServeArgs {
     /// Do not offer the shared-memory transport.
     #[arg(long, conflicts_with = "shm_socket")]
     pub no_shm: bool,
+    /// RDMA device to offer one-sided access on, e.g. mlx5_0 or rxe_lo [default: the first device with
+    /// an active port; RDMA is offered only when it opens and the pool registers with it].
+    #[arg(long, value_name = "NAME")]
+    pub rdma_device: Option<String>,
+    /// GID index of the RDMA port (RoCE) [default: the RoCE v2 IPv4-mapped GID].
+    #[arg(long, value_name = "N")]
+    pub rdma_gid_index: Option<u32>,
+    /// Do not offer RDMA.
+    #[arg(long, conflicts_with_all = ["rdma_device", "rdma_gid_index"])]
+    pub no_rdma: bool,
 }
 
 /// `admin` arguments.
@@ -195,6 +206,9 @@ struct FileConfig {
     workers: Option<usize>,
     shm: Option<bool>,
     shm_socket: Option<PathBuf>,
+    rdma: Option<bool>,
+    rdma_device: Option<String>,
+    rdma_gid_index: Option<u32>,
 }
 
 impl ServeArgs {
@@ -224,6 +238,9 @@ impl ServeArgs {
         cfg.workers = a.workers.unwrap_or(cfg.workers);
         cfg.shm_socket = a.shm_socket.clone().or(cfg.shm_socket);
         cfg.shm_enabled = cfg.shm_enabled && !a.no_shm;
+        cfg.rdma_device = a.rdma_device.clone().or(cfg.rdma_device);
+        cfg.rdma_gid_index = a.rdma_gid_index.or(cfg.rdma_gid_index);
+        cfg.rdma_enabled = cfg.rdma_enabled && !a.no_rdma;
         cfg.validate()?;
         let log = a.log.clone().or(file.log).unwrap_or_else(|| "info".to_owned());
         Ok((cfg, log))
@@ -258,6 +275,9 @@ fn apply_file(cfg: &mut ServerConfig, f: &FileConfig) -> Result<()> {
     cfg.workers = f.workers.unwrap_or(cfg.workers);
     cfg.shm_enabled = f.shm.unwrap_or(cfg.shm_enabled);
     cfg.shm_socket = f.shm_socket.clone().or_else(|| cfg.shm_socket.clone());
+    cfg.rdma_enabled = f.rdma.unwrap_or(cfg.rdma_enabled);
+    cfg.rdma_device = f.rdma_device.clone().or_else(|| cfg.rdma_device.clone());
+    cfg.rdma_gid_index = f.rdma_gid_index.or(cfg.rdma_gid_index);
     Ok(())
 }
 

@@ -58,6 +58,12 @@ pub struct ServerConfig {
     pub shm_enabled: bool,
     /// Unix socket of the shm transport; `None` = `$XDG_RUNTIME_DIR` or `/tmp` + `farpool-<port>.sock`.
     pub shm_socket: Option<std::path::PathBuf>,
+    /// Whether to try to offer RDMA (it is offered only when the device opens and the pool registers).
+    pub rdma_enabled: bool,
+    /// RDMA device name (e.g. `mlx5_0`, `rxe_lo`); `None` = the first device with an active port.
+    pub rdma_device: Option<String>,
+    /// GID table index for RoCE; `None` = the RoCE v2 IPv4-mapped GID, else the first usable one.
+    pub rdma_gid_index: Option<u32>,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +81,9 @@ impl Default for ServerConfig {
             handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
             shm_enabled: true,
             shm_socket: None,
+            rdma_enabled: true,
+            rdma_device: None,
+            rdma_gid_index: None,
         }
     }
 }
@@ -152,6 +161,25 @@ impl ServerConfig {
     #[must_use]
     pub fn with_shm_socket(mut self, path: Option<std::path::PathBuf>) -> Self {
         self.shm_socket = path;
+        self
+    }
+
+    /// Try to offer RDMA. Default on (offered only if a device opens and the pool registers with it).
+    #[must_use]
+    pub fn with_rdma(mut self, enabled: bool) -> Self {
+        self.rdma_enabled = enabled;
+        self
+    }
+    /// RDMA device by name. Default `None`: the first device with an active port.
+    #[must_use]
+    pub fn with_rdma_device(mut self, name: Option<String>) -> Self {
+        self.rdma_device = name;
+        self
+    }
+    /// RoCE GID index. Default `None`: chosen automatically (RoCE v2, IPv4-mapped first).
+    #[must_use]
+    pub fn with_rdma_gid_index(mut self, index: Option<u32>) -> Self {
+        self.rdma_gid_index = index;
         self
     }
 

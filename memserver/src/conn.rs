@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use farpool_core::wire::{self, FEATURE_SHM, FEATURE_TCP, HelloOk, Msg};
+use farpool_core::wire::{self, FEATURE_RDMA, FEATURE_SHM, FEATURE_TCP, HelloOk, Msg};
 use farpool_core::{ErrorKind, Result};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -127,7 +127,9 @@ impl Conn {
                     version: wire::VERSION,
                     server_id: self.shared.server_id,
                     host_id: self.shared.host_id.clone(),
-                    features: FEATURE_TCP | if self.shared.shm.is_some() { FEATURE_SHM } else { 0 },
+                    features: FEATURE_TCP
+                        | if self.shared.shm.is_some() { FEATURE_SHM } else { 0 }
+                        | if self.shared.rdma.offered() { FEATURE_RDMA } else { 0 },
                     shm_path: self.shared.shm.as_ref().map(|s| s.path()).unwrap_or_default(),
                     slab_size: self.shared.cfg.slab_size_bytes,
                 })
@@ -206,7 +208,14 @@ impl Conn {
             Msg::Release { req, lease } => s.release(req, lease),
             Msg::Ping { req } => Msg::Pong { req },
             Msg::Admin { req, cmd } => s.admin(req, cmd),
-            Msg::RdmaConnect { req, .. } => error_reply(req, ErrorKind::Unsupported, "this server does not offer RDMA"),
+            Msg::RdmaConnect { req, info } => match s.rdma.connect(self.id, &info) {
+                Ok(info) => Msg::RdmaAccepted { req, info },
+                Err(e) => {
+                    s.counters.error(e.kind());
+                    tracing::info!(conn = self.id, "RdmaConnect refused: {e}");
+                    error_reply(req, e.kind(), e.to_string())
+                }
+            },
             other => return Err(format!("a client may not send {}", frame_name(&other))),
         })
     }

@@ -41,6 +41,7 @@ mod conn;
 mod dataplane;
 pub mod grants;
 mod metrics;
+pub mod rdma;
 mod server;
 mod shm;
 mod state;

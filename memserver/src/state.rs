@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
-use farpool_core::wire::{LEASE_FLAG_SHM, LeaseGrant, MAX_LIST_LEN, Msg};
+use farpool_core::wire::{LEASE_FLAG_RDMA, LEASE_FLAG_SHM, LeaseGrant, MAX_LIST_LEN, Msg};
 use farpool_core::{Credential, ErrorKind, LeaseId, Result, ServerId, SlabGrant, SlabId, Token};
 use farpool_cxl::Region;
 use parking_lot::Mutex;
@@ -120,6 +120,8 @@ pub struct Shared {
     pub(crate) counters: Counters,
     /// The shm transport, when offered.
     pub(crate) shm: Option<crate::shm::ShmState>,
+    /// The RDMA transport (offered or not; see [`crate::rdma`]).
+    pub(crate) rdma: crate::rdma::RdmaState,
 }
 
 impl Shared {
@@ -136,6 +138,7 @@ impl Shared {
             conn_count: AtomicUsize::new(0),
             counters: Counters::default(),
             shm: crate::shm::ShmState::start(&cfg)?,
+            rdma: crate::rdma::RdmaState::start(&cfg),
             cfg,
         };
         let slabs = shared.cfg.slab_count();
@@ -154,6 +157,7 @@ impl Shared {
         let n = u32::try_from(slabs).map_err(|_| farpool_core::Error::new(ErrorKind::Config, "too many slabs"))?;
         let name = format!("farpool-pool-{}", ctl.regions.len());
         let region = Arc::new(self.cfg.backing.map((slabs * slab) as usize, &name)?);
+        self.rdma.register_region(&region)?;
         let index = ctl.regions.len();
         ctl.regions.push(region);
         ctl.homes.extend((0..u64::from(n)).map(|i| SlabHome { region: index, offset: i * slab }));
@@ -164,14 +168,20 @@ impl Shared {
 
     /// The memory behind a new grant of `slab`: a piece of a pool region, or for an shm lease a fresh
     /// memfd of its own (see [`crate::shm`]).
-    fn grant_mem(&self, ctl: &Control, slab: SlabId, flags: u32, cred: &Credential) -> Result<SlabMem> {
+    /// For an rdma lease the grant also gets its own memory region, whose rkey and address go into `cred`.
+    fn grant_mem(&self, ctl: &Control, slab: SlabId, flags: u32, cred: &mut Credential) -> Result<SlabMem> {
         if flags & LEASE_FLAG_SHM != 0
             && let Some(shm) = &self.shm
         {
             return shm.grant_mem(cred.lease, slab, cred.epoch, cred.token, self.cfg.slab_size_bytes);
         }
         let home = ctl.homes[slab.0 as usize];
-        Ok(SlabMem { region: ctl.regions[home.region].clone(), offset: home.offset, len: self.cfg.slab_size_bytes })
+        let mem =
+            SlabMem { region: ctl.regions[home.region].clone(), offset: home.offset, len: self.cfg.slab_size_bytes };
+        if flags & LEASE_FLAG_RDMA != 0 {
+            (cred.rkey, cred.base_addr) = self.rdma.grant(cred.lease, slab, &mem)?;
+        }
+        Ok(mem)
     }
 
     // ---- connections ----
@@ -187,6 +197,7 @@ impl Shared {
     /// Forget a connection (its leases stay until they expire or are renewed from another connection).
     pub(crate) fn unregister_conn(&self, id: ConnId) {
         self.conns.lock().remove(&id);
+        self.rdma.drop_conn(id);
     }
 
     /// Deliver queued messages (best effort: a full or closed queue drops the message, logged).
@@ -221,7 +232,11 @@ impl Shared {
         if n == 0 || n > MAX_LIST_LEN {
             return error_reply(req, ErrorKind::Config, format!("a lease takes 1..={MAX_LIST_LEN} slabs, not {n}"));
         }
-        let offered = if self.shm.is_some() { LEASE_FLAG_SHM } else { 0 };
+        let offered =
+            if self.shm.is_some() { LEASE_FLAG_SHM } else { 0 } | if self.rdma.offered() { LEASE_FLAG_RDMA } else { 0 };
+        if flags & LEASE_FLAG_SHM != 0 && flags & LEASE_FLAG_RDMA != 0 {
+            return error_reply(req, ErrorKind::Config, "a lease is for shm or for rdma, not both");
+        }
         if flags & !offered != 0 {
             let m = format!("lease flags {flags:#x} are not offered by this server (offered: {offered:#x})");
             return error_reply(req, ErrorKind::Unsupported, m);
@@ -246,13 +261,16 @@ impl Shared {
         let mut grants = Vec::with_capacity(n);
         let mut mems = Vec::with_capacity(n);
         for (slab, epoch) in &got {
-            let cred =
+            let mut cred =
                 Credential { lease: id, epoch: *epoch, token: Token(rand::random::<u64>()), rkey: 0, base_addr: 0 };
-            match self.grant_mem(&ctl, *slab, flags, &cred) {
+            match self.grant_mem(&ctl, *slab, flags, &mut cred) {
                 Ok(mem) => mems.push(mem),
                 Err(e) => {
                     // Undo: nothing was published yet; give every slab back untouched.
-                    mems.iter().zip(&got).for_each(|(_, (s, _))| self.forget_shm(id, *s));
+                    mems.iter().zip(&got).for_each(|(_, (s, _))| {
+                        self.rdma.revoke(id, *s);
+                        self.forget_shm(id, *s);
+                    });
                     for (s, _) in &got {
                         ctl.alloc.reclaim(*s);
                     }
@@ -318,7 +336,9 @@ impl Shared {
         let removed = self.grants.remove(slabs);
         assert_eq!(removed.len(), slabs.len(), "reclaiming slabs that have no grant");
         for (slab, g) in slabs.iter().zip(&removed) {
-            if let Err(e) = g.mem.discard() {
+            // The NIC must refuse the grant's rkey before its bytes are wiped or reused.
+            self.rdma.revoke(g.lease, *slab);
+            if let Err(e) = self.rdma.wipe(&g.mem) {
                 // Never hand out memory we could not zero: take the slab out of capacity instead.
                 tracing::error!(%slab, "cannot zero slab, removing it from capacity: {e}");
                 ctl.alloc.retire(*slab);

@@ -280,6 +280,18 @@ unsafe impl PinnedMemory for Box<[u8]> {
     }
 }
 
+/// A pool region of `farpool-cxl` (anonymous, memfd, NUMA-bound or devdax mapping) stays mapped at one
+/// address until its last `Arc` is dropped: what the memory server registers its pool from.
+// SAFETY: `Region` owns its mapping (the contract of `Region::from_raw`) and unmaps it only in `Drop`;
+// holding an `Arc` keeps it alive, `as_ptr`/`len` never change, and `Region` hands out no references to
+// its bytes (its accessors copy through raw pointers or use atomics), so concurrent NIC writes are sound.
+unsafe impl PinnedMemory for Arc<farpool_cxl::Region> {
+    fn as_raw(&self) -> (NonNull<u8>, usize) {
+        let ptr = NonNull::new(self.as_ptr()).expect("a mapped region has a non-null address");
+        (ptr, self.len())
+    }
+}
+
 /// A remote memory region as a peer sees it: where, how long, which key. Serializable for the control
 /// plane (20 bytes: addr u64, len u64, rkey u32, little-endian).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

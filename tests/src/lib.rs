@@ -217,8 +217,16 @@ impl MemServer {
         Self::render(&self.log)
     }
 
-    /// A pool builder for this server with short, test-friendly bounds (connect 1 s, ops 2 s).
+    /// A pool builder for this server with short, test-friendly bounds (connect 1 s, ops 2 s), forcing
+    /// the TCP transport: these tests check what the server does with each operation (a hung server,
+    /// connection counts), which shm bypasses by design. shm has its own suites in memserver/tests/shm_*.rs;
+    /// use [`MemServer::pool_builder_auto`] for negotiation.
     pub fn pool_builder(&self) -> PoolBuilder {
+        self.pool_builder_auto().with_transport(farpool::TransportChoice::Tcp)
+    }
+
+    /// Like [`MemServer::pool_builder`] but with the default `auto` transport negotiation.
+    pub fn pool_builder_auto(&self) -> PoolBuilder {
         PoolBuilder::new([self.addr]).with_connect_timeout_ms(1000).with_op_timeout_ms(2000)
     }
 

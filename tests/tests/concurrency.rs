@@ -87,7 +87,10 @@ fn several_clients_at_once_see_their_own_data_and_a_shared_counter() -> Result<(
     let handles: Vec<_> = (0..CLIENTS)
         .map(|c| {
             std::thread::spawn(move || -> Result<()> {
-                let pool = farpool::PoolBuilder::new([addr]).with_op_timeout_ms(2000).build()?;
+                let pool = farpool::PoolBuilder::new([addr])
+                    .with_transport(farpool::TransportChoice::Tcp)
+                    .with_op_timeout_ms(2000)
+                    .build()?;
                 let lease = pool.lease(Target::Auto, 2)?;
                 let page: Vec<u8> = (0..8192).map(|i| (i as u8) ^ (c as u8)).collect();
                 let items: Vec<(usize, u64, &[u8])> = (0..16).map(|k| (k % 2, (k as u64) * 8192, &page[..])).collect();

@@ -196,7 +196,10 @@ fn drain_with_short_grace_moves_the_hottest_and_drops_the_rest() -> Result<()> {
     let hits_during = r.join().expect("reader");
     let drained = drained?;
     let s = t.stats();
-    eprintln!("drained in {drained:?}: migrated {}, dropped {}, reader hits {hits_during}", s.pages_migrated, s.pages_dropped);
+    eprintln!(
+        "drained in {drained:?}: migrated {}, dropped {}, reader hits {hits_during}",
+        s.pages_migrated, s.pages_dropped
+    );
     ensure!(wrong.load(Ordering::Acquire) == 0, "wrong data served during the drain");
     ensure!(hits_during > 0, "served throughout");
     ensure!(drained < Duration::from_millis(1500), "the drain took {drained:?} for a grace of 1 s");

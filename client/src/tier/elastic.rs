@@ -124,7 +124,8 @@ impl Inner {
         let now = Instant::now();
         let grace = notices.iter().map(|n| n.2.saturating_duration_since(now)).min().unwrap_or_default();
         let deadline = now + grace.mul_f64(GRACE_USE);
-        let mut idxs: Vec<u32> = notices.iter().flat_map(|(server, slabs, _)| self.slab_indices(*server, slabs)).collect();
+        let mut idxs: Vec<u32> =
+            notices.iter().flat_map(|(server, slabs, _)| self.slab_indices(*server, slabs)).collect();
         idxs.sort_unstable();
         idxs.dedup();
         let mut bytes = 0;
@@ -133,7 +134,12 @@ impl Inner {
                 bytes += self.arena.slab(i).far.grant.len;
             }
         }
-        tracing::info!(notices = notices.len(), slabs = idxs.len(), grace_ms = grace.as_millis() as u64, "page tier: draining");
+        tracing::info!(
+            notices = notices.len(),
+            slabs = idxs.len(),
+            grace_ms = grace.as_millis() as u64,
+            "page tier: draining"
+        );
         self.try_grow_with(idxs.len(), bytes);
         let mut hot = self.hottest(&idxs);
         let mut moved = 0;
@@ -185,14 +191,20 @@ impl Inner {
     fn migrate(&self, batch: &[Move]) -> usize {
         let mut by_source: HashMap<ServerId, Vec<(Move, u64)>> = HashMap::new();
         for &mv in batch {
-            let v = self.table.shard(mv.page).get(&mv.page).filter(|e| e.place == Place::Published(mv.old)).map(|e| e.version);
+            let v = self
+                .table
+                .shard(mv.page)
+                .get(&mv.page)
+                .filter(|e| e.place == Place::Published(mv.old))
+                .map(|e| e.version);
             if let Some(version) = v {
                 by_source.entry(self.arena.slab(mv.old.slab).server()).or_default().push((mv, version));
             }
         }
         let mut by_target: HashMap<ServerId, Vec<(Move, SlotRef, Bytes)>> = HashMap::new();
         for (server, items) in by_source {
-            let addrs: Vec<_> = items.iter().map(|(mv, _)| self.arena.addr(&self.arena.slab(mv.old.slab), mv.old.slot)).collect();
+            let addrs: Vec<_> =
+                items.iter().map(|(mv, _)| self.arena.addr(&self.arena.slab(mv.old.slab), mv.old.slot)).collect();
             for ((mv, version), r) in items.into_iter().zip(self.read_slots(server, &addrs)) {
                 let Ok(img) = r else { continue };
                 if layout::verify(&img, mv.page, version, self.cfg.page_size).is_err() {
@@ -207,7 +219,10 @@ impl Inner {
         }
         let mut moved = 0;
         for (server, items) in by_target {
-            let writes = items.iter().map(|(_, new, img)| (self.arena.addr(&self.arena.slab(new.slab), new.slot), img.clone())).collect();
+            let writes = items
+                .iter()
+                .map(|(_, new, img)| (self.arena.addr(&self.arena.slab(new.slab), new.slot), img.clone()))
+                .collect();
             for ((mv, new, _), r) in items.into_iter().zip(self.write_slots(server, writes)) {
                 moved += usize::from(self.finish_move(mv, new, r.is_ok()));
             }

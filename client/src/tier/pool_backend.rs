@@ -3,7 +3,8 @@
 //! Each slab is leased as its own one-slab lease, so the tier can give slabs back one by one after a
 //! revoke notice. Server ids in the tier are the pool's server indices. Pool events are translated on a
 //! small thread per subscriber (it ends when the pool's event stream ends or the tier stops listening):
-//! revoke notices (deadline -> grace), revocations, lost leases (their slabs are revoked), servers down,
+//! revoke notices (deadline -> grace), revocations, lost leases (their slabs are revoked, or their server is
+//! down when the lease was lost to a failed connection), servers down,
 //! and goodbyes (every slab on that server gets a notice). A revoked or lost lease leaves the backend's
 //! registry when its event is translated, so dead leases are not kept.
 
@@ -126,10 +127,19 @@ fn translate(ev: PoolEvent, leases: &Mutex<HashMap<(ServerId, SlabId), Lease>>) 
             let slabs: Vec<SlabId> = leases.lock().keys().filter(|k| k.0 == s).map(|k| k.1).collect();
             vec![BackendEvent::RevokeNotice { server: s, slabs, grace: grace(deadline) }]
         }
-        PoolEvent::LeaseLost { server, lease, .. } => match slabs_of_lease(leases, lease) {
+        PoolEvent::LeaseLost { server, lease, error } => match slabs_of_lease(leases, lease) {
             Some(key) => {
                 leases.lock().remove(&key);
-                vec![BackendEvent::Revoked { server: server_id(server), slabs: vec![key.1] }]
+                // Lost to a failed connection (the heartbeat may notice before the control reader does):
+                // the server is down. Otherwise (renewal refused, expired) the slab was taken back.
+                if matches!(
+                    error.kind(),
+                    ErrorKind::Unreachable | ErrorKind::Closed | ErrorKind::Timeout | ErrorKind::Io
+                ) {
+                    vec![BackendEvent::ServerDown { server: server_id(server) }]
+                } else {
+                    vec![BackendEvent::Revoked { server: server_id(server), slabs: vec![key.1] }]
+                }
             }
             None => vec![],
         },

@@ -174,3 +174,33 @@ fn killed_server_pages_become_misses() {
         });
     }
 }
+
+#[test]
+fn purged_pages_miss_with_their_reason_once() {
+    with_seed("lost reasons", 7, || {
+        let (b, t) = filled(2, 100);
+        let victim = b.server_ids()[0];
+        b.kill(victim, true);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while t.stats().pages_dropped == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut buf = vec![0; PS];
+        let mut down = Vec::new();
+        for p in 0..100 {
+            match t.get(p, 1, &mut buf) {
+                Lookup::Hit { version } => assert_eq!(buf, content(p, version)),
+                Lookup::Miss(MissReason::ServerDown) => down.push(p),
+                Lookup::Miss(r) => panic!("page {p}: purged with its server, missed as {r:?}"),
+            }
+        }
+        assert!(down.len() >= 30, "the pages of the killed server: {down:?} {:?}", t.stats());
+        // The reason is told once; a put of the page forgets it.
+        assert_eq!(t.get(down[0], 1, &mut buf), Lookup::Miss(MissReason::Absent));
+        t.put(down[1], 2, &content(down[1], 2));
+        t.flush(FLUSH).unwrap();
+        assert!(t.invalidate(down[1]));
+        assert_eq!(t.get(down[1], 1, &mut buf), Lookup::Miss(MissReason::Absent));
+        assert_no_leak(&t, "lost reasons");
+    });
+}
