@@ -26,4 +26,6 @@ fi
 ts "release binaries for the guest"
 cargo build --release --features "$FEATURES" --bins
 ts "qemu guest tests (Soft-RoCE, CPU-less NUMA node, CXL type-3)"
-tests/vm/run.sh --build
+# CI builds the guest image from scratch; elsewhere an up-to-date cached image is reused.
+if [ "${CI:-}" = true ]; then export FORCE=${FORCE:-1}; else export FORCE=${FORCE:-0}; fi
+.ci/vm.sh

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::transport::{Completion, OpKind, OpOutput, Transport, TransportKind, WorkRequest};
-use crate::wire::{self, FrameReader, HelloOk, Msg, OpDone, OpResult, WireOp};
+use crate::transport::{Completion, OpOutput, Transport, TransportKind, WorkRequest};
+use crate::wire::{self, FrameReader, HelloOk, Msg, OpDone, OpResult};
 
 /// Options of a TCP endpoint.
 #[derive(Clone, Debug)]
@@ -209,13 +209,7 @@ impl Transport for TcpTransport {
                 self.ready.push_back(Completion { wr_id: wr.wr_id, result: Err(e) });
                 continue;
             }
-            let op = match wr.op {
-                OpKind::Read { len } => WireOp::Read { len },
-                OpKind::Write { data } => WireOp::Write { data },
-                OpKind::CompareSwap { expect, new } => WireOp::CompareSwap { expect, new },
-                OpKind::FetchAdd { add } => WireOp::FetchAdd { add },
-            };
-            wire::encode_op(&mut self.out, wr.wr_id, &wr.addr, &op);
+            wire::encode_op(&mut self.out, wr.wr_id, &wr.addr, &wr.op);
             self.inflight.push_back((wr.wr_id, now));
         }
         if !self.out.is_empty()

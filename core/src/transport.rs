@@ -46,67 +46,9 @@ impl fmt::Display for TransportKind {
     }
 }
 
-/// A one-sided operation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum OpKind {
-    /// Read `len` bytes (at most [`MAX_OP_LEN`]).
-    Read {
-        /// Bytes to read.
-        len: u32,
-    },
-    /// Write the bytes (at most [`MAX_OP_LEN`]).
-    Write {
-        /// Payload.
-        data: Bytes,
-    },
-    /// 8-byte compare-and-swap at an 8-byte aligned address; yields the old value.
-    CompareSwap {
-        /// Expected value.
-        expect: u64,
-        /// New value.
-        new: u64,
-    },
-    /// 8-byte fetch-and-add at an 8-byte aligned address; yields the old value.
-    FetchAdd {
-        /// Addend (wrapping).
-        add: u64,
-    },
-}
-
-impl OpKind {
-    /// Bytes the operation touches at the remote address.
-    pub fn len(&self) -> u64 {
-        match self {
-            Self::Read { len } => u64::from(*len),
-            Self::Write { data } => data.len() as u64,
-            Self::CompareSwap { .. } | Self::FetchAdd { .. } => 8,
-        }
-    }
-
-    /// Whether it touches no bytes.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Whether it is an atomic (alignment rules apply).
-    pub fn is_atomic(&self) -> bool {
-        matches!(self, Self::CompareSwap { .. } | Self::FetchAdd { .. })
-    }
-
-    /// Validate what can be checked without the remote side: size limit and atomic alignment.
-    pub fn check(&self, addr: &RemoteAddr) -> Result<()> {
-        if self.len() > u64::from(MAX_OP_LEN) {
-            return Err(Error::new(
-                ErrorKind::OutOfRange,
-                format!("operation of {} bytes exceeds the per-op maximum of {MAX_OP_LEN}", self.len()),
-            ));
-        }
-        if self.is_atomic() && !addr.offset.is_multiple_of(8) {
-            return Err(Error::new(ErrorKind::Unaligned, format!("atomic at {addr} is not 8-byte aligned")));
-        }
-        Ok(())
-    }
-}
+/// A one-sided operation: the same type the wire carries ([`crate::wire::WireOp`]), so posting over
+/// TCP encodes it without conversion.
+pub use crate::wire::WireOp as OpKind;
 
 /// One queued operation.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -27,6 +27,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Handlers go in before the server starts, so that an early SIGTERM is a clean shutdown, not a kill.
     let signals = Signals::install()?;
     let server = Server::start(cfg).context("starting the memory server")?;
+    // A stable, machine-readable line for scripts and tests (the log line on stderr may change).
+    println!("listening on {}", server.local_addr());
     let signal = signals.wait();
     tracing::info!("{signal} received");
     server.shutdown(grace);

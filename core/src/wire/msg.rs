@@ -2,7 +2,8 @@
 
 use bytes::Bytes;
 
-use crate::error::ErrorKind;
+use super::MAX_OP_LEN;
+use crate::error::{Error, ErrorKind, Result};
 use crate::ids::{LeaseId, RemoteAddr, ServerId, SlabGrant, SlabId};
 
 /// Feature bit in [`HelloOk::features`]: the server offers the shared-memory transport.
@@ -42,6 +43,41 @@ pub enum WireOp {
         /// Addend (wrapping).
         add: u64,
     },
+}
+
+impl WireOp {
+    /// Bytes the operation touches at the remote address.
+    pub fn len(&self) -> u64 {
+        match self {
+            Self::Read { len } => u64::from(*len),
+            Self::Write { data } => data.len() as u64,
+            Self::CompareSwap { .. } | Self::FetchAdd { .. } => 8,
+        }
+    }
+
+    /// Whether it touches no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether it is an atomic (alignment rules apply).
+    pub fn is_atomic(&self) -> bool {
+        matches!(self, Self::CompareSwap { .. } | Self::FetchAdd { .. })
+    }
+
+    /// Validate what can be checked without the remote side: size limit and atomic alignment.
+    pub fn check(&self, addr: &RemoteAddr) -> Result<()> {
+        if self.len() > u64::from(MAX_OP_LEN) {
+            return Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!("operation of {} bytes exceeds the per-op maximum of {MAX_OP_LEN}", self.len()),
+            ));
+        }
+        if self.is_atomic() && !addr.offset.is_multiple_of(8) {
+            return Err(Error::new(ErrorKind::Unaligned, format!("atomic at {addr} is not 8-byte aligned")));
+        }
+        Ok(())
+    }
 }
 
 /// A data-plane operation request.
