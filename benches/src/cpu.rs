@@ -66,20 +66,29 @@ mod tests {
 
     #[test]
     fn counts_cpu_of_named_threads_and_processes() {
+        // Spin until the thread has *used* 150 ms of CPU (not 150 ms of wall time: on a loaded machine
+        // a thread may get a small share of a core), bounded by 20 s of wall time.
+        let (tx, rx) = std::sync::mpsc::channel();
         let spin = std::thread::Builder::new()
             .name("cpu-test-spin".into())
-            .spawn(|| {
+            .spawn(move || {
                 let t = std::time::Instant::now();
                 let mut x = 0u64;
-                while t.elapsed() < std::time::Duration::from_millis(300) {
-                    x = std::hint::black_box(x.wrapping_add(1));
+                while t.elapsed() < std::time::Duration::from_secs(20) {
+                    for _ in 0..1_000_000 {
+                        x = std::hint::black_box(x.wrapping_add(1));
+                    }
+                    if CpuSource::Threads("cpu-test-spin").seconds().unwrap_or(0.0) >= 0.15 {
+                        break;
+                    }
                 }
+                tx.send(()).unwrap();
                 // Stay alive (idle) long enough for the reading below.
-                std::thread::sleep(std::time::Duration::from_millis(300));
+                std::thread::sleep(std::time::Duration::from_millis(500));
                 x
             })
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(350));
+        rx.recv().unwrap();
         let s = CpuSource::Threads("cpu-test-spin").seconds().expect("thread found");
         assert!(s >= 0.1, "a thread that spun 300 ms shows {s} s");
         spin.join().unwrap();
