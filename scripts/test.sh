@@ -14,17 +14,22 @@ ts "host tests (nextest, release, features $FEATURES)"
 cargo nextest run --workspace --release --features "$FEATURES" --no-fail-fast
 ts "doc tests"
 cargo test --workspace --release --doc --features "$FEATURES"
-if [ -f client/src/tier/loom_tests.rs ] || grep -rqs 'cfg(loom)' client/src; then
-  ts "loom model checks"
-  LOOM_MAX_PREEMPTIONS=${LOOM_MAX_PREEMPTIONS:-2} RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
-    cargo test -p farpool --release --lib loom
-fi
+ts "loom model checks (the tier's lock-free slot state word)"
+# Our own cfg name: `--cfg loom` would also switch tokio into its loom mode and break its dependents.
+LOOM_MAX_PREEMPTIONS=${LOOM_MAX_PREEMPTIONS:-3} RUSTFLAGS="--cfg farpool_loom" CARGO_TARGET_DIR=target/loom \
+  cargo test -p farpool --release --lib tier::slot
 if [ "${SKIP_VM:-0}" = 1 ]; then
   ts "VM stage skipped (SKIP_VM=1): RDMA/NUMA/CXL tests did not run"
   exit 0
 fi
 ts "release binaries for the guest"
 cargo build --release --features "$FEATURES" --bins
+# farpool-rdma's device tests (#[ignore]d on the host) run in the guest (tests/vm/guest/40-rdma.sh).
+VMT=${CARGO_TARGET_DIR:-target}/vm-tests
+mkdir -p "$VMT"
+DT=$(cargo test --release -p farpool-rdma --features rdma --test device --no-run --message-format=json \
+  | grep '"name":"device"' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+[ -n "$DT" ] && cp "$DT" "$VMT/farpool-rdma-device-tests"
 ts "qemu guest tests (Soft-RoCE, CPU-less NUMA node, CXL type-3)"
 # CI builds the guest image from scratch; elsewhere an up-to-date cached image is reused.
 if [ "${CI:-}" = true ]; then export FORCE=${FORCE:-1}; else export FORCE=${FORCE:-0}; fi

@@ -48,7 +48,7 @@ mod sync;
 mod table;
 mod writer;
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(farpool_loom)))]
 mod tests;
 
 use std::sync::Arc;

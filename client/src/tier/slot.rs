@@ -134,7 +134,7 @@ impl SlotWord {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(farpool_loom)))]
 mod tests {
     use super::*;
 
@@ -161,9 +161,9 @@ mod tests {
     }
 }
 
-#[cfg(all(test, loom))]
+#[cfg(all(test, farpool_loom))]
 mod loom_tests {
-    //! `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 cargo test -p farpool --release --lib tier::slot`
+    //! `RUSTFLAGS="--cfg farpool_loom" LOOM_MAX_PREEMPTIONS=3 cargo test -p farpool --release --lib tier::slot`
     use super::*;
     use loom::sync::Arc;
     use loom::sync::atomic::AtomicUsize;
