@@ -21,6 +21,7 @@ pub mod output;
 pub mod pingpong;
 pub mod plot;
 pub mod progress;
+pub mod rdma;
 pub mod redis;
 pub mod render;
 pub mod report;

@@ -8,7 +8,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use farpool_bench::{bufferpool, demo, shm, tcp};
+use farpool_bench::{bufferpool, demo, rdma, shm, tcp};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -40,6 +40,8 @@ enum Command {
     Bufferpool(bufferpool::Args),
     /// Shared-memory transport: 8 KiB read/write latency and bandwidth beside a raw random memcpy.
     Shm(shm::ShmArgs),
+    /// RDMA transport: READ/WRITE/FETCH_ADD latency and READ bandwidth beside perftest, interleaved.
+    Rdma(rdma::RdmaArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(a),
         Command::Bufferpool(a) => bufferpool::run(a),
         Command::Shm(a) => shm::run(a),
+        Command::Rdma(a) => rdma::run(a),
     };
     match result {
         Ok(code) => code,

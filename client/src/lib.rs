@@ -56,6 +56,7 @@ mod heartbeat;
 pub mod lease;
 pub mod negotiate;
 pub mod pool;
+mod rdma;
 mod shm;
 pub mod tier;
 

@@ -27,9 +27,11 @@ pub struct LocalCaps {
 
 impl LocalCaps {
     /// The capabilities of this build on this host: shm on Linux (memfd + SCM_RIGHTS, see
-    /// [`crate::shm`]); rdma not wired into the client yet.
+    /// [`crate::shm`]); rdma when built with the `rdma` feature and an RDMA device opens (the device is
+    /// opened once per process; see `crate::rdma`).
     pub fn detect() -> Self {
-        Self { host_id: farpool_core::tcp::local_host_id(), shm: cfg!(target_os = "linux"), rdma: false }
+        let rdma = crate::rdma::unavailable().is_none();
+        Self { host_id: farpool_core::tcp::local_host_id(), shm: cfg!(target_os = "linux"), rdma }
     }
 }
 
@@ -76,7 +78,8 @@ fn shm_blocker(offer: &ServerOffer, local: &LocalCaps) -> Option<String> {
 
 fn rdma_blocker(offer: &ServerOffer, local: &LocalCaps) -> Option<String> {
     if !local.rdma {
-        Some("this client has no RDMA transport or device".into())
+        let why = crate::rdma::unavailable().map(|w| format!(" ({w})")).unwrap_or_default();
+        Some(format!("this client has no RDMA transport or device{why}"))
     } else if offer.features & FEATURE_RDMA == 0 {
         Some("the server does not offer rdma".into())
     } else {

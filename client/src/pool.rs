@@ -79,6 +79,8 @@ struct ServerSlot {
     connecting: Mutex<()>,
     state: Mutex<SlotState>,
     idle: Mutex<Vec<Endpoint>>,
+    /// The server's RDMA grants, for the bounds checks of its RDMA endpoints.
+    rdma_grants: Arc<crate::rdma::GrantBook>,
 }
 
 /// State shared by the pool handle, its threads and its leases. See the module docs.
@@ -201,6 +203,8 @@ impl Core {
             Msg::Revoked { lease, slabs } => {
                 if let Some(l) = lease_of(lease) {
                     self.detach_shm(&l, |s| slabs.contains(s));
+                    let gone: Vec<_> = l.grants.iter().filter(|g| slabs.contains(&g.slab)).copied().collect();
+                    self.servers[server].rdma_grants.remove(&gone);
                 }
                 if let Some(l) = lease_of(lease)
                     && l.mark_revoked(&slabs)
@@ -254,6 +258,9 @@ impl Core {
     pub(crate) fn forget_lease(&self, l: &LeaseState) {
         self.leases.lock().remove(&(l.server, l.id));
         self.detach_shm(l, |_| true);
+        if let Some(slot) = self.servers.get(l.server) {
+            slot.rdma_grants.remove(&l.grants);
+        }
     }
 
     /// The shm mappings of `server` (connecting first if needed); `Unsupported` unless shm was negotiated.
@@ -304,6 +311,12 @@ impl Core {
             let t = self.shm_maps(server)?.endpoint(c.inflight_max);
             return Ok(Endpoint::new(server, Box::new(t)));
         }
+        if kind == TransportKind::Rdma {
+            let slot = &self.servers[server];
+            let (timeouts, book) = ((c.connect_timeout, c.op_timeout), slot.rdma_grants.clone());
+            let t = crate::rdma::connect(&slot.addr, &c.name, timeouts.0, timeouts.1, c.inflight_max, book)?;
+            return Ok(Endpoint::new(server, t));
+        }
         let t = connect_transport(
             kind,
             &self.servers[server].addr,
@@ -353,6 +366,9 @@ impl Core {
         {
             self.release_oneway(&state);
             return Err(Error::new(e.kind(), format!("mapping the shm grants of lease {}: {}", g.lease, e.message())));
+        }
+        if flags == LEASE_FLAG_RDMA {
+            self.servers[server].rdma_grants.add(&state.grants);
         }
         self.leases.lock().insert((server, g.lease), state.clone());
         tracing::debug!(server, lease = %g.lease, slabs = state.grants.len(), expires_in_ms = g.expires_in_ms, "lease granted");
@@ -411,6 +427,7 @@ impl Pool {
                 connecting: Mutex::new(()),
                 state: Mutex::default(),
                 idle: Mutex::default(),
+                rdma_grants: Arc::default(),
             })
             .collect();
         let events = EventBus::start(cfg.event_capacity);
@@ -502,6 +519,11 @@ impl Pool {
                 Err(last.unwrap_or_else(|| Error::new(ErrorKind::Internal, "no server tried")))
             }
         }
+    }
+
+    /// Whether the control connection to `server` is up right now (no reconnect is attempted).
+    pub fn is_up(&self, server: usize) -> bool {
+        self.core.current_conn(server).is_ok()
     }
 
     /// Leases currently active (granted, not released, revoked or lost).

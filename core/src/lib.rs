@@ -10,12 +10,13 @@
 //!   prefix is checked against [`wire::MAX_FRAME_LEN`] before anything else.
 //! - A remote address is data, not a pointer: bounds, credential and epoch checks happen on the side that
 //!   owns the memory and fail with an [`ErrorKind`].
-#![deny(unsafe_code)] // allowed only in `buf`, which documents why
+#![deny(unsafe_code)] // allowed only in `buf` and `pinned`, which document why
 
 pub mod buf;
 pub mod error;
 pub mod fault;
 pub mod ids;
+pub mod pinned;
 pub mod size;
 pub mod tcp;
 pub mod transport;
@@ -23,4 +24,5 @@ pub mod wire;
 
 pub use error::{Error, ErrorKind, Result};
 pub use ids::{Credential, Epoch, LeaseId, RemoteAddr, ServerId, SlabGrant, SlabId, Token};
+pub use pinned::PinnedMemory;
 pub use transport::{Completion, OpKind, OpOutput, Transport, TransportKind, WorkRequest};

@@ -30,6 +30,16 @@ unsafe impl Send for Region {}
 // SAFETY: as above: `&Region` only allows checked raw copies and atomics on the mapping.
 unsafe impl Sync for Region {}
 
+// SAFETY: a `Region` owns its mapping (the contract of `Region::from_raw`) and unmaps it only in
+// `Drop`; moving the struct does not move the mapping, `as_ptr`/`len` never change, and `Region` hands
+// out no references to its bytes (its accessors copy through raw pointers or use atomics), so a device
+// writing into it concurrently is sound. This is what the memory server registers with the RDMA NIC.
+unsafe impl farpool_core::PinnedMemory for Region {
+    fn as_raw(&self) -> (NonNull<u8>, usize) {
+        (self.ptr, self.len)
+    }
+}
+
 impl Region {
     /// Take ownership of a mapping.
     ///

@@ -159,7 +159,6 @@ mod imp {
         /// `RdmaConnect { info }` on connection `conn`: a passive queue pair connected to the client's;
         /// returns ours, serialized.
         pub(crate) fn connect(&self, conn: ConnId, info: &[u8]) -> Result<Bytes> {
-            let remote = QpInfo::from_bytes(info)?;
             let ctx = match self.inner.lock().as_ref() {
                 Some(a) => a.ctx.clone(),
                 None => {
@@ -167,6 +166,7 @@ mod imp {
                     return Err(Error::new(ErrorKind::Unsupported, format!("this server does not offer rdma: {why}")));
                 }
             };
+            let remote = QpInfo::from_bytes(info)?;
             let mut ep = Endpoint::new(&ctx, EndpointConfig::passive())?;
             ep.connect(&remote)?;
             let local = ep.local_info()?;
@@ -228,5 +228,73 @@ mod imp {
 
     fn not_built() -> Error {
         Error::new(ErrorKind::Unsupported, "this server does not offer rdma: built without the `rdma` feature")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::time::Duration;
+
+    use bytes::BytesMut;
+    use clap::Parser;
+    use farpool_core::ErrorKind;
+    use farpool_core::wire::{self, FEATURE_RDMA, FrameReader, LEASE_FLAG_RDMA, Msg};
+
+    use crate::cli::Cli;
+    use crate::{Server, ServerConfig};
+
+    fn call(stream: &mut std::net::TcpStream, reader: &mut FrameReader, m: &Msg) -> Msg {
+        let mut out = BytesMut::new();
+        wire::encode(m, &mut out);
+        stream.write_all(&out).unwrap();
+        reader.next(stream).unwrap()
+    }
+
+    /// On a host without RDMA (or a build without the feature) the server starts, does not advertise
+    /// rdma, refuses rdma leases and `RdmaConnect` with `Unsupported`, and keeps serving the connection.
+    #[test]
+    fn without_a_device_rdma_is_not_offered_and_refusals_keep_the_connection() {
+        if farpool_rdma::discover().is_ok() {
+            println!("SKIPPED: an RDMA device is present; the no-device path is not reachable");
+            return;
+        }
+        let cfg = ServerConfig::default()
+            .with_listen("127.0.0.1:0".parse().unwrap())
+            .with_capacity_bytes(4 << 20)
+            .with_slab_size_bytes(1 << 20)
+            .with_workers(1)
+            .with_shm(false)
+            .with_rdma_device(Some("rxe_lo".into()));
+        let server = Server::start(cfg).unwrap();
+        let t = Duration::from_secs(5);
+        let mut s = farpool_core::tcp::connect_bounded(server.local_addr(), t).unwrap();
+        let mut r = FrameReader::new();
+        let hello = farpool_core::tcp::client_handshake(&mut s, &mut r, "t", t).unwrap();
+        assert_eq!(hello.features & FEATURE_RDMA, 0);
+        match call(&mut s, &mut r, &Msg::LeaseRequest { req: 1, slabs: 1, flags: LEASE_FLAG_RDMA }) {
+            Msg::ErrorReply { req: 1, kind, .. } => assert_eq!(kind, ErrorKind::Unsupported),
+            other => panic!("{other:?}"),
+        }
+        match call(&mut s, &mut r, &Msg::RdmaConnect { req: 2, info: bytes::Bytes::from_static(&[0; 8]) }) {
+            Msg::ErrorReply { req: 2, kind, message } => {
+                assert_eq!(kind, ErrorKind::Unsupported);
+                assert!(message.contains("rdma"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(call(&mut s, &mut r, &Msg::Ping { req: 3 }), Msg::Pong { req: 3 }));
+        server.shutdown(Duration::ZERO);
+    }
+
+    #[test]
+    fn rdma_flags_parse() {
+        let cli =
+            Cli::try_parse_from(["farpool-memserver", "--rdma-device", "rxe_lo", "--rdma-gid-index", "1"]).unwrap();
+        let (cfg, _) = cli.serve.resolve().unwrap();
+        assert_eq!((cfg.rdma_device.as_deref(), cfg.rdma_gid_index, cfg.rdma_enabled), (Some("rxe_lo"), Some(1), true));
+        let (cfg, _) = Cli::try_parse_from(["farpool-memserver", "--no-rdma"]).unwrap().serve.resolve().unwrap();
+        assert!(!cfg.rdma_enabled);
+        assert!(Cli::try_parse_from(["farpool-memserver", "--no-rdma", "--rdma-device", "x"]).is_err());
     }
 }

@@ -167,8 +167,8 @@ impl Shared {
     }
 
     /// The memory behind a new grant of `slab`: a piece of a pool region, or for an shm lease a fresh
-    /// memfd of its own (see [`crate::shm`]).
-    /// For an rdma lease the grant also gets its own memory region, whose rkey and address go into `cred`.
+    /// memfd of its own (see [`crate::shm`]). For an rdma lease the grant also gets its own memory region,
+    /// whose rkey and address go into `cred`.
     fn grant_mem(&self, ctl: &Control, slab: SlabId, flags: u32, cred: &mut Credential) -> Result<SlabMem> {
         if flags & LEASE_FLAG_SHM != 0
             && let Some(shm) = &self.shm

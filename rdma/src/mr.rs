@@ -58,18 +58,7 @@ impl Access {
     }
 }
 
-/// Memory that stays at one address, mapped and writable, for as long as the value lives: what a
-/// pool can be registered from without `unsafe` at the call site.
-///
-/// # Safety
-///
-/// `as_raw` must return the same pointer and length on every call, the range must be valid for reads
-/// and writes for the whole life of the value, and nothing else may free, unmap or move it meanwhile.
-/// The NIC writes into it at any time, so the implementor must not hand out references to those bytes.
-pub unsafe trait PinnedMemory: Send + Sync + 'static {
-    /// Start and length of the memory.
-    fn as_raw(&self) -> (NonNull<u8>, usize);
-}
+pub use farpool_core::PinnedMemory;
 
 /// A heap buffer allocated and owned by this crate, page-aligned and zeroed.
 struct HeapBlock {
@@ -269,26 +258,6 @@ impl LocalBuffer {
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`, and `&mut self` makes this the only CPU access.
         unsafe { std::slice::from_raw_parts_mut(self.reg.ptr.as_ptr(), self.reg.len) }
-    }
-}
-
-/// `Box<[u8]>` keeps its heap block at one address until dropped.
-// SAFETY: the boxed slice is never reallocated (we only hold it) and lives until the Box is dropped.
-unsafe impl PinnedMemory for Box<[u8]> {
-    fn as_raw(&self) -> (NonNull<u8>, usize) {
-        (NonNull::from(&**self).cast(), self.len())
-    }
-}
-
-/// A pool region of `farpool-cxl` (anonymous, memfd, NUMA-bound or devdax mapping) stays mapped at one
-/// address until its last `Arc` is dropped: what the memory server registers its pool from.
-// SAFETY: `Region` owns its mapping (the contract of `Region::from_raw`) and unmaps it only in `Drop`;
-// holding an `Arc` keeps it alive, `as_ptr`/`len` never change, and `Region` hands out no references to
-// its bytes (its accessors copy through raw pointers or use atomics), so concurrent NIC writes are sound.
-unsafe impl PinnedMemory for Arc<farpool_cxl::Region> {
-    fn as_raw(&self) -> (NonNull<u8>, usize) {
-        let ptr = NonNull::new(self.as_ptr()).expect("a mapped region has a non-null address");
-        (ptr, self.len())
     }
 }
 

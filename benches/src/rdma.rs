@@ -1,0 +1,418 @@
+//! `farbench rdma`: farpool's RDMA transport beside perftest (`ib_read_lat`, `ib_read_bw`) on the same
+//! device, interleaved round by round in one run.
+//!
+//! Setup: a memory server in this process (`farpool_memserver::Server` with `--rdma-device`, or an
+//! external one with `--server`), a `farpool::Pool` forcing the rdma transport, one lease and one data
+//! endpoint: the exact client path (`RdmaTransport` behind `Pool::endpoint`, staged reads, bounds
+//! checks, selective signaling). Latency phases post one operation and busy-poll its completion (depth
+//! 1, as perftest's `_lat` tests); the bandwidth phase keeps `--depth` READs in flight (perftest's
+//! `_bw` default is 128; we use the same `--depth` for both sides).
+//!
+//! Each round runs perftest's `ib_read_lat` (server and client processes on 127.0.0.1), then ours,
+//! then `ib_read_bw`, then ours, so slow drift of an emulated machine hits both sides alike; the
+//! ratios use the medians over rounds. Bars (ARCHITECTURE.md): READ p50 <= 1.2x `ib_read_lat`'s
+//! t_typical; READ bandwidth >= 0.8x `ib_read_bw`'s average. Under emulation (Soft-RoCE in qemu TCG)
+//! only the ratios mean anything.
+//!
+//! Invariants: every loop is bounded in operations and time; perftest processes are killed after
+//! `PERFTEST_TIMEOUT`; figures come from completed, successful operations.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use clap::Args;
+use farpool::{Endpoint, Lease, PoolBuilder, TransportChoice, TransportKind};
+use farpool_core::size::parse_bytes;
+use farpool_core::{Completion, OpKind, Transport, WorkRequest};
+use serde::Serialize;
+
+use crate::stats::LatencyHist;
+
+/// Bar: our READ p50 at most this multiple of `ib_read_lat`'s t_typical.
+pub const READ_LAT_RATIO_MAX: f64 = 1.2;
+/// Bar: our READ bandwidth at least this fraction of `ib_read_bw`'s average.
+pub const READ_BW_RATIO_MIN: f64 = 0.8;
+/// Bound on one perftest process.
+const PERFTEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on waiting for one completion.
+const POLL_TIMEOUT: Duration = Duration::from_secs(5);
+/// perftest's default TCP port 18515, as `/proc/net/tcp` prints it.
+const PERFTEST_PORT_HEX: &str = ":4853 ";
+
+/// Arguments of `farbench rdma`.
+#[derive(Args, Debug, Clone)]
+pub struct RdmaArgs {
+    /// RDMA device (for the embedded server and perftest), e.g. rxe_lo.
+    #[arg(long, default_value = "rxe_lo")]
+    pub device: String,
+    /// GID index (for the embedded server and perftest's -x).
+    #[arg(long)]
+    pub gid_index: Option<u32>,
+    /// Use this running memory server instead of an embedded one.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// READ latency sizes (perftest runs each too).
+    #[arg(long, value_delimiter = ',', default_value = "8,8KiB", value_parser = size_arg)]
+    pub lat_sizes: Vec<u64>,
+    /// Timed operations per latency phase (perftest -n).
+    #[arg(long, default_value_t = 1000)]
+    pub iters: u64,
+    /// Bandwidth message size.
+    #[arg(long, default_value = "64KiB", value_parser = size_arg)]
+    pub bw_size: u64,
+    /// Operations per bandwidth phase (perftest -n).
+    #[arg(long, default_value_t = 2000)]
+    pub bw_iters: u64,
+    /// READs in flight in the bandwidth phase (perftest -t).
+    #[arg(long, default_value_t = 16)]
+    pub depth: usize,
+    /// Interleaved rounds (perftest, ours, perftest, ours...); medians are compared.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Do not run perftest (our figures only, no ratios).
+    #[arg(long)]
+    pub no_perftest: bool,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Report bars but exit 0 even when one fails.
+    #[arg(long)]
+    pub no_check: bool,
+}
+
+fn size_arg(s: &str) -> std::result::Result<u64, String> {
+    parse_bytes(s).map_err(|e| e.to_string())
+}
+
+/// One of our latency phases.
+#[derive(Clone, Debug, Serialize)]
+pub struct LatPhase {
+    /// read, write, faa or cas.
+    pub op: String,
+    /// Bytes per operation.
+    pub size: u64,
+    /// Minimum, p50 and p99 in microseconds.
+    pub min_us: f64,
+    /// Median.
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+}
+
+/// One round's figures.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Round {
+    /// Our latency phases.
+    pub ours_lat: Vec<LatPhase>,
+    /// `ib_read_lat` t_typical per size (microseconds), in `lat_sizes` order.
+    pub perftest_lat_typical_us: Vec<Option<f64>>,
+    /// `ib_read_lat` t_min per size (microseconds).
+    pub perftest_lat_min_us: Vec<Option<f64>>,
+    /// Our READ bandwidth, MiB/s.
+    pub ours_bw_mib_s: f64,
+    /// `ib_read_bw` average (perftest's MB/sec, 2^20 bytes).
+    pub perftest_bw_mib_s: Option<f64>,
+}
+
+/// A ratio against perftest with its bar.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ratio {
+    /// What is compared.
+    pub what: String,
+    /// Ours (median over rounds).
+    pub ours: f64,
+    /// perftest (median over rounds).
+    pub perftest: f64,
+    /// ours / perftest.
+    pub ratio: f64,
+    /// perftest's largest median over its smallest across rounds: how steady the reference was.
+    pub perftest_spread: f64,
+    /// The bar ("<= 1.2" or ">= 0.8"), if this comparison has one.
+    pub bar: Option<String>,
+    /// Whether the bar holds.
+    pub pass: Option<bool>,
+}
+
+/// Everything one run produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Device.
+    pub device: String,
+    /// Rounds, in run order.
+    pub rounds: Vec<Round>,
+    /// Ratios of the medians.
+    pub ratios: Vec<Ratio>,
+}
+
+/// `farbench rdma`.
+pub fn run(a: &RdmaArgs) -> Result<ExitCode> {
+    ensure!(a.iters > 0 && a.bw_iters > 0 && a.depth > 0 && a.rounds > 0, "iters, depth and rounds must be positive");
+    let (_server, addr) = match &a.server {
+        Some(s) => (None, s.clone()),
+        None => {
+            let cfg = farpool_memserver::ServerConfig::default()
+                .with_listen("127.0.0.1:0".parse()?)
+                .with_capacity_bytes(64 << 20)
+                .with_slab_size_bytes(16 << 20)
+                .with_workers(1)
+                .with_shm(false)
+                .with_rdma_device(Some(a.device.clone()))
+                .with_rdma_gid_index(a.gid_index);
+            let s = farpool_memserver::Server::start(cfg).context("starting the embedded memory server")?;
+            let addr = s.local_addr().to_string();
+            (Some(s), addr)
+        }
+    };
+    let pool = PoolBuilder::new([addr.as_str()])
+        .with_transport(TransportChoice::Rdma)
+        .with_inflight_max(a.depth.max(1))
+        .build()
+        .context("pool forcing rdma")?;
+    let lease = pool.lease(0, 1)?;
+    ensure!(lease.grants()[0].len >= a.bw_size.max(*a.lat_sizes.iter().max().unwrap_or(&8)), "slab too small");
+    let mut ep = pool.endpoint(0)?;
+    ensure!(ep.kind() == TransportKind::Rdma, "endpoint is {}", ep.kind());
+    let mut rounds = Vec::new();
+    for r in 0..a.rounds {
+        let round = one_round(a, &lease, &mut ep).with_context(|| format!("round {}", r + 1))?;
+        eprintln!("round {}: {}", r + 1, serde_json::to_string(&round)?);
+        rounds.push(round);
+    }
+    let ratios = ratios(a, &rounds);
+    for x in &ratios {
+        println!(
+            "rdma {}: ours {:.2} vs perftest {:.2}: ratio {:.2} spread {:.2}{}",
+            x.what,
+            x.ours,
+            x.perftest,
+            x.ratio,
+            x.perftest_spread,
+            x.bar
+                .as_ref()
+                .map(|b| format!(" (bar {b}: {})", if x.pass == Some(true) { "ok" } else { "MISSED" }))
+                .unwrap_or_default()
+        );
+    }
+    let report = Report { device: a.device.clone(), rounds, ratios };
+    if let Some(p) = &a.json {
+        crate::output::write_json(&report, p)?;
+    }
+    let missed = report.ratios.iter().any(|x| x.pass == Some(false));
+    Ok(if missed && !a.no_check { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn one_round(a: &RdmaArgs, lease: &Lease, ep: &mut Endpoint) -> Result<Round> {
+    let mut round = Round::default();
+    for &size in &a.lat_sizes {
+        let out = if a.no_perftest { String::new() } else { perftest(a, "ib_read_lat", size, a.iters)? };
+        round.perftest_lat_typical_us.push(parse_perftest(&out, size, 4));
+        round.perftest_lat_min_us.push(parse_perftest(&out, size, 2));
+        round.ours_lat.push(latency(ep, lease, "read", size, a.iters)?);
+    }
+    round.ours_lat.push(latency(ep, lease, "write", 8, a.iters)?);
+    round.ours_lat.push(latency(ep, lease, "faa", 8, a.iters)?);
+    if !a.no_perftest {
+        let out = perftest(a, "ib_read_bw", a.bw_size, a.bw_iters)?;
+        round.perftest_bw_mib_s = parse_perftest(&out, a.bw_size, 3);
+    }
+    round.ours_bw_mib_s = bandwidth(ep, lease, a.bw_size, a.bw_iters, a.depth)?;
+    Ok(round)
+}
+
+fn op_of(op: &str, size: u64) -> OpKind {
+    match op {
+        "read" => OpKind::Read { len: size as u32 },
+        "write" => OpKind::Write { data: bytes::Bytes::from(vec![7u8; size as usize]) },
+        _ => OpKind::FetchAdd { add: 1 },
+    }
+}
+
+/// Wait for `want` completions (bounded), failing on the first error.
+fn reap(t: &mut dyn Transport, done: &mut Vec<Completion>, want: usize) -> Result<usize> {
+    done.clear();
+    let n = t.poll(done, want, POLL_TIMEOUT)?;
+    ensure!(n > 0, "no completion within {POLL_TIMEOUT:?}");
+    for c in done.drain(..) {
+        c.result.map_err(|e| anyhow!("operation {} failed: {e}", c.wr_id))?;
+    }
+    Ok(n)
+}
+
+/// Depth-1 latency: post one operation, busy-poll its completion, `iters` times after a warm-up.
+fn latency(ep: &mut Endpoint, lease: &Lease, op: &str, size: u64, iters: u64) -> Result<LatPhase> {
+    let addr = lease.addr(0, 0, size)?;
+    let t = ep.transport();
+    let mut batch = Vec::with_capacity(1);
+    let mut done = Vec::with_capacity(1);
+    let mut hist = LatencyHist::new();
+    let warmup = (iters / 10).clamp(10, 1000);
+    // As perftest does: one timestamp per iteration, taken before the post; a sample is the distance
+    // between two consecutive stamps (the whole post + poll loop, one clock read per operation).
+    let mut last: Option<Instant> = None;
+    for i in 0..=warmup + iters {
+        let now = Instant::now();
+        if let Some(prev) = last.filter(|_| i > warmup) {
+            hist.record(now - prev);
+        }
+        last = Some(now);
+        if i == warmup + iters {
+            break;
+        }
+        batch.push(WorkRequest { wr_id: i, addr, op: op_of(op, size) });
+        ensure!(t.post(&mut batch)? == 1, "post refused the operation");
+        reap(t, &mut done, 1)?;
+    }
+    let phase = LatPhase {
+        op: op.into(),
+        size,
+        min_us: hist.quantile_us(0.0),
+        p50_us: hist.quantile_us(0.5),
+        p99_us: hist.quantile_us(0.99),
+    };
+    Ok(phase)
+}
+
+/// `depth` READs of `size` kept in flight until `iters` completed; MiB/s.
+fn bandwidth(ep: &mut Endpoint, lease: &Lease, size: u64, iters: u64, depth: usize) -> Result<f64> {
+    let addr = lease.addr(0, 0, size)?;
+    let t = ep.transport();
+    let mut batch = Vec::with_capacity(depth);
+    let mut done = Vec::with_capacity(depth);
+    let (mut posted, mut completed) = (0u64, 0u64);
+    let t0 = Instant::now();
+    while completed < iters {
+        while posted < iters && batch.len() + t.inflight() < depth {
+            batch.push(WorkRequest { wr_id: posted, addr, op: OpKind::Read { len: size as u32 } });
+            posted += 1;
+        }
+        t.post(&mut batch)?;
+        completed += reap(t, &mut done, depth)? as u64;
+    }
+    Ok((size * iters) as f64 / t0.elapsed().as_secs_f64() / f64::from(1 << 20))
+}
+
+/// Run one perftest test (server + client on 127.0.0.1); the client's output.
+fn perftest(a: &RdmaArgs, test: &str, size: u64, iters: u64) -> Result<String> {
+    let mut args =
+        vec!["-d".to_string(), a.device.clone(), "-s".into(), size.to_string(), "-n".into(), iters.to_string()];
+    if let Some(g) = a.gid_index {
+        args.extend(["-x".into(), g.to_string()]);
+    }
+    if test.ends_with("_bw") {
+        args.extend(["-t".into(), a.depth.to_string()]);
+    }
+    let mut server = Command::new(test)
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {test} (perftest installed?)"))?;
+    let deadline = Instant::now() + PERFTEST_TIMEOUT;
+    while !perftest_listening() {
+        if server.try_wait()?.is_some() || Instant::now() >= deadline {
+            let _ = server.kill();
+            bail!("{test} server did not start listening");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let client = Command::new(test).args(&args).arg("127.0.0.1").stderr(Stdio::null()).output();
+    let _ = server.kill();
+    let _ = server.wait();
+    let out = String::from_utf8_lossy(&client?.stdout).into_owned();
+    let row = out.lines().find(|l| l.split_whitespace().next() == Some(size.to_string().as_str()));
+    eprintln!("{test} -s {size} -n {iters}: {}", row.map(str::trim).unwrap_or("(no result row)"));
+    Ok(out)
+}
+
+fn perftest_listening() -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|p| {
+        std::fs::read_to_string(p).unwrap_or_default().lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(PERFTEST_PORT_HEX.trim()) && f[3] == "0A"
+        })
+    })
+}
+
+/// The `col`-th field of perftest's result row for `size` (lat: 2 = t_min, 4 = t_typical; bw: 3 = BW
+/// average).
+pub fn parse_perftest(out: &str, size: u64, col: usize) -> Option<f64> {
+    out.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.first() == Some(&size.to_string().as_str()) && f.len() > col).then(|| f[col].parse().ok()).flatten()
+    })
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+/// Largest over smallest (1.0 for fewer than two values).
+fn spread(v: &[f64]) -> f64 {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(0.0, f64::max);
+    if v.len() < 2 || lo <= 0.0 { 1.0 } else { hi / lo }
+}
+
+fn ratio(what: String, ours: Option<f64>, pts: Vec<f64>, le: Option<f64>, ge: Option<f64>) -> Option<Ratio> {
+    let (o, p) = (ours?, median(pts.clone())?);
+    let r = o / p;
+    let (bar, pass) = match (le, ge) {
+        (Some(m), _) => (Some(format!("<= {m}")), Some(r <= m)),
+        (_, Some(m)) => (Some(format!(">= {m}")), Some(r >= m)),
+        _ => (None, None),
+    };
+    Some(Ratio { what, ours: o, perftest: p, ratio: r, perftest_spread: spread(&pts), bar, pass })
+}
+
+fn ratios(a: &RdmaArgs, rounds: &[Round]) -> Vec<Ratio> {
+    let mut out = Vec::new();
+    for (i, &size) in a.lat_sizes.iter().enumerate() {
+        let ours = median(rounds.iter().map(|r| r.ours_lat[i].p50_us).collect());
+        let pts = rounds.iter().filter_map(|r| r.perftest_lat_typical_us[i]).collect();
+        out.extend(ratio(format!("READ {size} B p50 us"), ours, pts, Some(READ_LAT_RATIO_MAX), None));
+        // Best round of each side (same number of interleaved rounds each): what an emulated machine
+        // shared with other work shows when it is least disturbed.
+        let best = |v: Vec<f64>| v.into_iter().reduce(f64::min);
+        let ours_best = best(rounds.iter().map(|r| r.ours_lat[i].p50_us).collect());
+        let pt_best: Vec<f64> =
+            best(rounds.iter().filter_map(|r| r.perftest_lat_typical_us[i]).collect()).into_iter().collect();
+        out.extend(ratio(
+            format!("READ {size} B p50 us best round"),
+            ours_best,
+            pt_best,
+            Some(READ_LAT_RATIO_MAX),
+            None,
+        ));
+        let ours_min = median(rounds.iter().map(|r| r.ours_lat[i].min_us).collect());
+        let pt_min = rounds.iter().filter_map(|r| r.perftest_lat_min_us[i]).collect();
+        out.extend(ratio(format!("READ {size} B min us"), ours_min, pt_min, None, None));
+    }
+    let ours = median(rounds.iter().map(|r| r.ours_bw_mib_s).collect());
+    let pts = rounds.iter().filter_map(|r| r.perftest_bw_mib_s).collect();
+    out.extend(ratio(format!("READ {} B bandwidth MiB/s", a.bw_size), ours, pts, None, Some(READ_BW_RATIO_MIN)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_perftest_rows() {
+        let lat = " #bytes #iterations    t_min[usec]    t_max[usec]  t_typical[usec]    t_avg[usec]\n \
+                   8       1000          22.59          18356.19      38.31   \t       761.77\n";
+        assert_eq!(parse_perftest(lat, 8, 4), Some(38.31));
+        assert_eq!(parse_perftest(lat, 16, 4), None);
+        let bw = " #bytes     #iterations    BW peak[MB/sec]    BW average[MB/sec]   MsgRate[Mpps]\n \
+                  65536      2000             512.10             498.55  \t\t   0.007977\n";
+        assert_eq!(parse_perftest(bw, 65536, 3), Some(498.55));
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![]), None);
+    }
+}

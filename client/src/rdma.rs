@@ -1,0 +1,315 @@
+//! The RDMA transport inside the client (feature `rdma` of this crate, which enables `farpool-rdma/rdma`).
+//!
+//! Owns: the process's opened RDMA device (opened once, on first use, with automatic selection: the
+//! first active port and its RoCE v2 GID), the per-server [`GrantBook`] of RDMA grants (rkey -> slab
+//! length, fed by the pool as leases come and go), and the data endpoint: an `RdmaTransport` whose
+//! queue pair is exchanged with the server over a TCP connection of its own (`Hello`, then
+//! `RdmaConnect { info }` -> `RdmaAccepted { info }`). The server keeps its side of the queue pair for
+//! as long as that connection lives, so dropping the endpoint tears both sides down; after a queue-pair
+//! error the transport reconnects at its next `post` by sending another `RdmaConnect` on it.
+//!
+//! Invariants: every wait is bounded (connect timeout for TCP, op timeout for the exchange and for each
+//! operation); an access beyond a known grant fails with `OutOfRange` before it reaches the NIC (a NIC
+//! access error would cost the queue pair), so a NIC rejection of an in-bounds access means `Revoked`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use farpool_core::{Result, SlabGrant, Transport};
+use parking_lot::Mutex;
+
+/// The RDMA grants of one server's leases, shared by the pool and that server's RDMA endpoints.
+#[derive(Debug, Default)]
+pub(crate) struct GrantBook {
+    generation: AtomicU64,
+    grants: Mutex<HashMap<u32, SlabGrant>>,
+}
+
+impl GrantBook {
+    /// Record the grants of a lease taken for rdma (those with an rkey).
+    pub(crate) fn add(&self, grants: &[SlabGrant]) {
+        let mut m = self.grants.lock();
+        for g in grants.iter().filter(|g| g.cred.rkey != 0) {
+            m.insert(g.cred.rkey, *g);
+        }
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Forget grants (revoked, released, lost).
+    pub(crate) fn remove(&self, grants: &[SlabGrant]) {
+        let mut m = self.grants.lock();
+        let before = m.len();
+        for g in grants {
+            if m.get(&g.cred.rkey).is_some_and(|x| x.slab == g.slab && x.cred.epoch == g.cred.epoch) {
+                m.remove(&g.cred.rkey);
+            }
+        }
+        if m.len() != before {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    fn snapshot(&self) -> HashMap<u32, SlabGrant> {
+        self.grants.lock().clone()
+    }
+}
+
+/// Why this process cannot use RDMA, or `None` when a device opened.
+pub(crate) fn unavailable() -> Option<String> {
+    imp::device().err()
+}
+
+/// Connect an RDMA data endpoint to the server at `addr`.
+pub(crate) fn connect(
+    addr: &str,
+    name: &str,
+    connect_timeout: Duration,
+    op_timeout: Duration,
+    inflight_max: usize,
+    book: Arc<GrantBook>,
+) -> Result<Box<dyn Transport>> {
+    imp::connect(addr, name, connect_timeout, op_timeout, inflight_max, book)
+}
+
+#[cfg(feature = "rdma")]
+mod imp {
+    use std::io::Write;
+    use std::net::TcpStream;
+    use std::sync::OnceLock;
+
+    use bytes::{Bytes, BytesMut};
+    use farpool_core::tcp::{client_handshake, connect_bounded};
+    use farpool_core::wire::{self, FrameReader, Msg};
+    use farpool_core::{Completion, Error, ErrorKind, TransportKind, WorkRequest};
+    use farpool_rdma::{Context, DeviceSelector, Endpoint, EndpointConfig, QpExchange, QpInfo, RdmaTransport};
+
+    use super::*;
+
+    /// Frames other than the answer (e.g. a `Goodbye`) skipped while waiting for `RdmaAccepted`.
+    const SKIP_FRAMES_MAX: usize = 16;
+
+    /// The device, opened once per process.
+    pub(super) fn device() -> std::result::Result<Arc<Context>, String> {
+        static DEVICE: OnceLock<std::result::Result<Arc<Context>, String>> = OnceLock::new();
+        DEVICE
+            .get_or_init(|| {
+                let r = Context::open(&DeviceSelector::new()).map_err(|e| e.to_string());
+                match &r {
+                    Ok(c) => tracing::info!(device = c.name(), port = c.port(), "rdma device opened"),
+                    Err(e) => tracing::info!("rdma unavailable in this client: {e}"),
+                }
+                r
+            })
+            .clone()
+    }
+
+    /// The queue-pair exchange over the endpoint's own TCP connection.
+    struct TcpExchange {
+        stream: TcpStream,
+        reader: FrameReader,
+        timeout: Duration,
+        next_req: u64,
+    }
+
+    impl QpExchange for TcpExchange {
+        fn exchange(&mut self, local: &QpInfo) -> Result<QpInfo> {
+            self.next_req += 1;
+            let req = self.next_req;
+            let mut out = BytesMut::new();
+            wire::encode(&Msg::RdmaConnect { req, info: Bytes::copy_from_slice(&local.to_bytes()) }, &mut out);
+            self.stream.set_write_timeout(Some(self.timeout)).map_err(|e| Error::io("set timeout", e))?;
+            self.stream.set_read_timeout(Some(self.timeout)).map_err(|e| Error::io("set timeout", e))?;
+            self.stream.write_all(&out).map_err(|e| Error::io("sending RdmaConnect", e))?;
+            for _ in 0..SKIP_FRAMES_MAX {
+                match self.reader.next(&mut self.stream)? {
+                    Msg::RdmaAccepted { req: r, info } if r == req => return QpInfo::from_bytes(&info),
+                    Msg::ErrorReply { req: r, kind, message } if r == req || r == 0 => {
+                        return Err(Error::new(kind, format!("server refused the rdma connection: {message}")));
+                    }
+                    other => tracing::debug!("rdma exchange skipping {other:?}"),
+                }
+            }
+            Err(Error::new(ErrorKind::Protocol, "no RdmaAccepted among the server's frames"))
+        }
+    }
+
+    pub(super) fn connect(
+        addr: &str,
+        name: &str,
+        connect_timeout: Duration,
+        op_timeout: Duration,
+        inflight_max: usize,
+        book: Arc<GrantBook>,
+    ) -> Result<Box<dyn Transport>> {
+        let ctx = device().map_err(|why| Error::new(ErrorKind::Unsupported, why))?;
+        let mut stream = connect_bounded(addr, connect_timeout)?;
+        let mut reader = FrameReader::new();
+        client_handshake(&mut stream, &mut reader, name, connect_timeout)?;
+        let inflight_max = inflight_max.min(ctx.limits().max_qp_wr as usize).max(1);
+        let cfg = EndpointConfig::new().with_inflight_max(inflight_max).with_op_timeout(op_timeout);
+        let mut ep = Endpoint::new(&ctx, cfg)?;
+        let mut x = TcpExchange { stream, reader, timeout: op_timeout.max(connect_timeout), next_req: 0 };
+        let remote = x.exchange(&ep.local_info()?)?;
+        ep.connect(&remote)?;
+        tracing::debug!(server = addr, remote = %remote, "rdma endpoint connected");
+        let t = RdmaTransport::new(ep).with_exchange(Box::new(x));
+        Ok(Box::new(RdmaLink { t, book, seen: u64::MAX, known: HashMap::new() }))
+    }
+
+    /// `RdmaTransport` plus the server's grant book, synced into the transport before each post.
+    struct RdmaLink {
+        t: RdmaTransport,
+        book: Arc<GrantBook>,
+        seen: u64,
+        known: HashMap<u32, SlabGrant>,
+    }
+
+    impl RdmaLink {
+        fn sync(&mut self) {
+            let generation = self.book.generation();
+            if generation == self.seen {
+                return;
+            }
+            let now = self.book.snapshot();
+            for (rkey, g) in &self.known {
+                if now.get(rkey) != Some(g) {
+                    self.t.remove_grant(g);
+                }
+            }
+            for g in now.values() {
+                self.t.add_grant(g);
+            }
+            self.known = now;
+            self.seen = generation;
+        }
+    }
+
+    impl Transport for RdmaLink {
+        fn kind(&self) -> TransportKind {
+            TransportKind::Rdma
+        }
+        fn post(&mut self, batch: &mut Vec<WorkRequest>) -> Result<usize> {
+            self.sync();
+            self.t.post(batch)
+        }
+        fn poll(&mut self, out: &mut Vec<Completion>, max: usize, timeout: Duration) -> Result<usize> {
+            self.t.poll(out, max, timeout)
+        }
+        fn inflight(&self) -> usize {
+            self.t.inflight()
+        }
+        fn inflight_max(&self) -> usize {
+            self.t.inflight_max()
+        }
+        fn op_timeout(&self) -> Duration {
+            self.t.op_timeout()
+        }
+    }
+}
+
+#[cfg(not(feature = "rdma"))]
+mod imp {
+    use farpool_core::{Error, ErrorKind};
+
+    use super::*;
+
+    const NOT_BUILT: &str = "no RDMA device: the farpool client was built without the `rdma` feature";
+
+    pub(super) fn device() -> std::result::Result<(), String> {
+        Err(NOT_BUILT.to_owned())
+    }
+
+    pub(super) fn connect(
+        _addr: &str,
+        _name: &str,
+        _connect_timeout: Duration,
+        _op_timeout: Duration,
+        _inflight_max: usize,
+        _book: Arc<GrantBook>,
+    ) -> Result<Box<dyn Transport>> {
+        Err(Error::new(ErrorKind::Unsupported, NOT_BUILT))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use farpool_core::{Credential, Epoch, LeaseId, SlabId, Token};
+
+    use super::*;
+
+    fn grant(slab: u32, rkey: u32) -> SlabGrant {
+        let cred = Credential { lease: LeaseId(1), epoch: Epoch(1), token: Token(1), rkey, base_addr: 4096 };
+        SlabGrant { slab: SlabId(slab), len: 1 << 20, cred }
+    }
+
+    #[test]
+    fn the_book_tracks_rdma_grants_and_bumps_its_generation() {
+        let b = GrantBook::default();
+        let g0 = b.generation();
+        b.add(&[grant(0, 7), grant(1, 0)]);
+        assert_eq!(b.snapshot().len(), 1, "a grant without an rkey is not an rdma grant");
+        assert!(b.generation() > g0);
+        let g1 = b.generation();
+        b.remove(&[grant(3, 7)]);
+        assert_eq!((b.snapshot().len(), b.generation()), (1, g1), "another slab with a reused rkey stays");
+        b.remove(&[grant(0, 7)]);
+        assert!(b.snapshot().is_empty() && b.generation() > g1);
+    }
+
+    /// Against a real memory server on a host without RDMA: forced rdma is an `Unsupported` error
+    /// naming the reason, never a fallback; auto moves on and says why.
+    #[test]
+    fn forced_rdma_without_a_device_fails_and_auto_moves_on() {
+        if unavailable().is_none() {
+            println!("SKIPPED: an RDMA device is present; the no-device path is not reachable");
+            return;
+        }
+        let cfg = farpool_memserver::ServerConfig::default()
+            .with_listen("127.0.0.1:0".parse().unwrap())
+            .with_capacity_bytes(4 << 20)
+            .with_slab_size_bytes(1 << 20)
+            .with_workers(1)
+            .with_shm(false);
+        let server = farpool_memserver::Server::start(cfg).unwrap();
+        let addr = server.local_addr().to_string();
+        let e = crate::PoolBuilder::new([addr.as_str()])
+            .with_transport(crate::TransportChoice::Rdma)
+            .build()
+            .expect_err("forced rdma without a device must fail");
+        assert_eq!(e.kind(), farpool_core::ErrorKind::Unsupported, "{e}");
+        assert!(e.to_string().contains("forced") && e.to_string().contains("rdma"), "{e}");
+        let pool = crate::PoolBuilder::new([addr.as_str()]).build().unwrap();
+        let n = pool.transport_of(0).unwrap();
+        assert_eq!(n.kind, farpool_core::TransportKind::Tcp);
+        assert!(n.reason.contains("no rdma: this client has no RDMA transport or device"), "{}", n.reason);
+    }
+
+    #[test]
+    fn without_a_device_rdma_is_unavailable_with_a_reason() {
+        match unavailable() {
+            Some(why) => {
+                assert!(why.contains("no RDMA device"), "{why}");
+                let e = connect(
+                    "127.0.0.1:1",
+                    "t",
+                    Duration::from_millis(50),
+                    Duration::from_millis(50),
+                    4,
+                    Arc::default(),
+                )
+                .err()
+                .expect("no device: connect fails");
+                assert_eq!(e.kind(), farpool_core::ErrorKind::Unsupported);
+            }
+            None => println!("SKIPPED: an RDMA device is present; the no-device path is not reachable"),
+        }
+    }
+}
