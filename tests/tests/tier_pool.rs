@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use farpool::tier::{Lookup, MissReason, PageTier, PoolBackend, PutStatus, TierStats};
-use farpool::{AdminCmd, Pool, PoolBuilder};
+use farpool::{AdminCmd, Pool, PoolBuilder, TransportChoice};
 use farpool_tests::{MemServer, within};
 
 const PS: usize = 4096;
@@ -32,8 +32,13 @@ fn content(page: u64, version: u64) -> Vec<u8> {
 }
 
 fn pool_of(servers: &[&MemServer]) -> Result<Arc<Pool>> {
+    pool_with(servers, TransportChoice::Tcp)
+}
+
+fn pool_with(servers: &[&MemServer], transport: TransportChoice) -> Result<Arc<Pool>> {
     let addrs: Vec<String> = servers.iter().map(|s| s.addr().to_string()).collect();
     let pool = PoolBuilder::new(addrs)
+        .with_transport(transport)
         .with_connect_timeout_ms(1000)
         .with_op_timeout_ms(2000)
         .with_reconnect_backoff_ms(500)
@@ -242,9 +247,20 @@ fn drain_with_short_grace_moves_the_hottest_and_drops_the_rest() -> Result<()> {
 
 #[test]
 fn killed_server_pages_are_server_down_misses_and_the_other_keeps_serving() -> Result<()> {
+    kill_one(TransportChoice::Tcp)
+}
+
+/// The same over whatever `auto` negotiates (shm between processes of one host, when offered).
+#[test]
+fn killed_server_over_auto_transport() -> Result<()> {
+    kill_one(TransportChoice::Auto)
+}
+
+fn kill_one(transport: TransportChoice) -> Result<()> {
     let mut a = MemServer::start(&["--capacity", "8MiB"])?;
     let b = MemServer::start(&["--capacity", "8MiB"])?;
-    let pool = pool_of(&[&a, &b])?;
+    let pool = pool_with(&[&a, &b], transport)?;
+    eprintln!("{transport:?}: negotiated {}", pool.transport_of(0)?.kind);
     let t = tier_over(&pool, 4 * MIB, 4 * MIB)?;
     const PAGES: u64 = 800;
     fill(&t, PAGES)?;

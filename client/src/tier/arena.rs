@@ -159,6 +159,9 @@ impl Arena {
     /// its free slots out of the totals and its bytes out of the leased amount.
     pub(crate) fn set_state(&self, i: u32, to: SlabState) -> SlabState {
         let slab = self.slab(i);
+        // The free-list lock serializes the transitions of one slab: two threads losing the same slab
+        // at once (a failed read and a `ServerDown`, say) must not both take its bytes out of the totals.
+        let mut free = slab.free.lock();
         let from = slab.state();
         let lost = |s: SlabState| matches!(s, SlabState::Revoked | SlabState::Down);
         if from == to || lost(from) {
@@ -166,14 +169,12 @@ impl Arena {
         }
         slab.state.store(to as u8, Ordering::Release);
         if lost(to) {
-            let mut free = slab.free.lock();
             if from == SlabState::Active {
                 self.free_total.fetch_sub(free.len(), Ordering::AcqRel);
             }
             free.clear();
             self.leased_bytes.fetch_sub(slab.far.grant.len, Ordering::AcqRel);
         } else if to == SlabState::Draining {
-            let free = slab.free.lock();
             self.free_total.fetch_sub(free.len(), Ordering::AcqRel);
         }
         from

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
-use farpool_core::{ServerId, SlabId};
+use farpool_core::ServerId;
 
 use super::arena::{SlabState, SlotRef};
-use super::backend::BackendEvent;
+use super::backend::{BackendEvent, GrantRef};
 use super::inner::Inner;
 use super::layout;
 use super::slot::{SlotState, Transition};
@@ -48,12 +48,11 @@ const NOTICE_GAP: Duration = Duration::from_millis(5);
 /// Notices merged into one drain at most.
 const NOTICE_BATCH_MAX: usize = 4096;
 
-/// A revoke notice as received: the server, its slabs, and the deadline by the local clock.
-type Notice = (ServerId, Vec<SlabId>, Instant);
+/// A revoke notice as received: the server, its grants, and the deadline by the local clock.
+type Notice = (ServerId, Vec<GrantRef>, Instant);
 
-/// The maintenance thread body.
-pub(crate) fn maintenance_loop(inner: Arc<Inner>) {
-    let events = inner.backend.events();
+/// The maintenance thread body; `events` is the subscription the builder made before the first lease.
+pub(crate) fn maintenance_loop(inner: Arc<Inner>, events: Receiver<BackendEvent>) {
     let mut last_top_up = Instant::now();
     while !inner.stopping() {
         if let Ok(ev) = events.recv_timeout(Duration::from_millis(50)) {
@@ -75,8 +74,8 @@ impl Inner {
         let mut next = Some(first);
         while let Some(ev) = next.take() {
             match ev {
-                BackendEvent::RevokeNotice { server, slabs, grace } => {
-                    notices.push((server, slabs, Instant::now() + grace));
+                BackendEvent::RevokeNotice { server, grants, grace } => {
+                    notices.push((server, grants, Instant::now() + grace));
                 }
                 other => self.handle_event(other),
             }
@@ -93,11 +92,11 @@ impl Inner {
 
     pub(crate) fn handle_event(&self, ev: BackendEvent) {
         match ev {
-            BackendEvent::RevokeNotice { server, slabs, grace } => {
-                self.drain(&[(server, slabs, Instant::now() + grace)]);
+            BackendEvent::RevokeNotice { server, grants, grace } => {
+                self.drain(&[(server, grants, Instant::now() + grace)]);
             }
-            BackendEvent::Revoked { server, slabs } => {
-                for i in self.slab_indices(server, &slabs) {
+            BackendEvent::Revoked { server, grants } => {
+                for i in self.slab_indices(server, &grants) {
                     if self.arena.set_state(i, SlabState::Revoked) != SlabState::Revoked {
                         Counters::add(&self.stats.slabs_lost, 1);
                     }
@@ -112,9 +111,11 @@ impl Inner {
         }
     }
 
-    fn slab_indices(&self, server: ServerId, slabs: &[SlabId]) -> Vec<u32> {
+    /// Arena indices of the slabs holding these grants of `server`. Matched by grant (slab and lease), so
+    /// an event about an older grant of a slab id leased again since touches nothing.
+    fn slab_indices(&self, server: ServerId, grants: &[GrantRef]) -> Vec<u32> {
         let all = self.arena.all();
-        let hit = |s: &super::arena::Slab| s.server() == server && slabs.contains(&s.far.grant.slab);
+        let hit = |s: &super::arena::Slab| s.server() == server && grants.contains(&s.far.grant_ref());
         (0..all.len() as u32).filter(|&i| hit(&all[i as usize])).collect()
     }
 
@@ -125,7 +126,7 @@ impl Inner {
         let grace = notices.iter().map(|n| n.2.saturating_duration_since(now)).min().unwrap_or_default();
         let deadline = now + grace.mul_f64(GRACE_USE);
         let mut idxs: Vec<u32> =
-            notices.iter().flat_map(|(server, slabs, _)| self.slab_indices(*server, slabs)).collect();
+            notices.iter().flat_map(|(server, grants, _)| self.slab_indices(*server, grants)).collect();
         idxs.sort_unstable();
         idxs.dedup();
         let mut bytes = 0;

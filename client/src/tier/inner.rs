@@ -8,10 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+use farpool_core::ServerId;
 use parking_lot::Mutex;
 
-use super::arena::{Arena, SlotRef};
-use super::backend::FarBackend;
+use super::arena::{Arena, SlabState, SlotRef};
+use super::backend::{FarBackend, FarSlab};
 use super::io::Endpoints;
 use super::layout;
 use super::lost::LostPages;
@@ -45,6 +46,9 @@ pub(crate) struct Inner {
     pub(crate) shutdown: AtomicBool,
     /// When the last failed lease happened (growth backs off for `grow_retry`).
     grow: Mutex<Option<Instant>>,
+    /// How many times each server was found down: a lease in flight while its server was lost (the
+    /// slab was not in the arena yet, so `server_lost` could not mark it) is detected by the change.
+    down_counts: Mutex<Vec<(ServerId, u64)>>,
 }
 
 /// Growth is retried at most this often after the backend said no.
@@ -69,6 +73,7 @@ impl Inner {
             lost: LostPages::default(),
             shutdown: AtomicBool::new(false),
             grow: Mutex::new(None),
+            down_counts: Mutex::new(Vec::new()),
             cfg,
             backend,
         }
@@ -190,11 +195,15 @@ impl Inner {
             return 0;
         }
         let mut added = 0;
+        let downs_before = self.down_counts.lock().clone();
         match self.backend.lease(slabs) {
             Ok(got) if !got.is_empty() => {
                 for s in got {
-                    if self.arena.leased_bytes() + s.grant.len <= limit && self.arena.add(s).is_some() {
+                    if self.arena.leased_bytes() + s.grant.len <= limit
+                        && let Some(i) = self.arena.add(s)
+                    {
                         added += 1;
+                        self.drop_if_lost_meanwhile(i, &s, &downs_before);
                     } else if let Err(e) = self.backend.release(&s) {
                         tracing::warn!(error = %e, "page tier: could not return a slab beyond the maximum");
                     }
@@ -211,6 +220,31 @@ impl Inner {
         }
         Counters::add(&self.stats.slabs_leased, added as u64);
         added
+    }
+
+    /// Count a loss of `server` (called before its slabs are marked: see `down_counts`).
+    pub(crate) fn note_down(&self, server: ServerId) {
+        let mut downs = self.down_counts.lock();
+        match downs.iter_mut().find(|d| d.0 == server) {
+            Some(d) => d.1 += 1,
+            None => downs.push((server, 1)),
+        }
+    }
+
+    /// A slab just added (index `i`) whose server was found down while its lease was in flight is marked
+    /// down and given back. Added first, checked second, and `note_down` counts before `server_lost`
+    /// scans the arena: so either that scan saw the slab, or this check sees the count change.
+    fn drop_if_lost_meanwhile(&self, i: u32, s: &FarSlab, before: &[(ServerId, u64)]) {
+        let count = |v: &[(ServerId, u64)]| v.iter().find(|d| d.0 == s.server).map_or(0, |d| d.1);
+        if count(&self.down_counts.lock()) == count(before) {
+            return;
+        }
+        if self.arena.set_state(i, SlabState::Down) != SlabState::Down {
+            Counters::add(&self.stats.slabs_lost, 1);
+        }
+        if let Err(e) = self.backend.release(s) {
+            tracing::debug!(error = %e, "page tier: release of a slab leased while its server was lost failed");
+        }
     }
 
     pub(crate) fn try_grow(&self, slabs: usize) -> usize {

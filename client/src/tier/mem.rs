@@ -3,7 +3,8 @@
 //! (token and epoch of the grant, bounds, server alive), optionally wrapped in
 //! [`farpool_core::fault::Faulty`]; plus controls to revoke, kill and corrupt, as a test needs.
 //!
-//! Every grant gets a fresh token and epoch and zeroed memory, so an old credential fails with `Revoked`.
+//! Every grant gets a fresh token and epoch and zeroed memory, so an old credential fails with `Revoked`;
+//! every `lease` call gets a new lease id, so events name grants unambiguously ([`GrantRef`]).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -18,13 +19,13 @@ use farpool_core::{
 };
 use parking_lot::Mutex;
 
-use super::backend::{BackendEvent, FarBackend, FarSlab};
+use super::backend::{BackendEvent, FarBackend, FarSlab, GrantRef};
 
 #[derive(Debug)]
 struct SlabMem {
     data: Vec<u8>,
-    /// `(token, epoch)` of the current grant; `None` when not granted.
-    grant: Option<(Token, Epoch)>,
+    /// Credential of the current grant; `None` when not granted.
+    grant: Option<Credential>,
     epoch: u64,
 }
 
@@ -44,6 +45,7 @@ pub struct MemBackend {
     slab_bytes: u64,
     rr: AtomicU64,
     next_token: AtomicU64,
+    next_lease: AtomicU64,
     subscribers: Mutex<Vec<Sender<BackendEvent>>>,
     faults: Mutex<Option<(FaultConfig, u64)>>,
     endpoint_seq: AtomicU64,
@@ -71,6 +73,7 @@ impl MemBackend {
             slab_bytes,
             rr: AtomicU64::new(0),
             next_token: AtomicU64::new(0x5eed),
+            next_lease: AtomicU64::new(1),
             subscribers: Mutex::new(Vec::new()),
             faults: Mutex::new(None),
             endpoint_seq: AtomicU64::new(0),
@@ -103,32 +106,55 @@ impl MemBackend {
 
     /// Granted slabs of `server`.
     pub fn granted(&self, server: ServerId) -> Vec<SlabId> {
-        let Some(s) = self.server(server) else { return Vec::new() };
-        (0..s.slabs.len()).filter(|&i| s.slabs[i].lock().grant.is_some()).map(|i| SlabId(i as u32)).collect()
+        self.grants(server).into_iter().map(|g| g.slab).collect()
     }
 
-    /// Send a revoke notice for every granted slab of `server` (which grants nothing from now on); returns them.
-    pub fn notice(&self, server: ServerId, grace: Duration) -> Vec<SlabId> {
+    /// Current grants of `server`.
+    pub fn grants(&self, server: ServerId) -> Vec<GrantRef> {
+        let Some(s) = self.server(server) else { return Vec::new() };
+        let grant = |i: usize| s.slabs[i].lock().grant.map(|c| GrantRef { slab: SlabId(i as u32), lease: c.lease });
+        (0..s.slabs.len()).filter_map(grant).collect()
+    }
+
+    /// Send a revoke notice for every current grant of `server` (which grants nothing from now on); returns
+    /// them.
+    pub fn notice(&self, server: ServerId, grace: Duration) -> Vec<GrantRef> {
         if let Some(s) = self.server(server) {
             s.draining.store(true, Ordering::Release);
         }
-        let slabs = self.granted(server);
-        self.emit(BackendEvent::RevokeNotice { server, slabs: slabs.clone(), grace });
-        slabs
+        let grants = self.grants(server);
+        self.emit(BackendEvent::RevokeNotice { server, grants: grants.clone(), grace });
+        grants
     }
 
-    /// Revoke slabs now: their credentials stop working; sends `Revoked`.
-    pub fn revoke(&self, server: ServerId, slabs: &[SlabId]) {
-        if let Some(s) = self.server(server) {
-            for id in slabs {
-                if let Some(m) = s.slabs.get(id.0 as usize) {
-                    let mut m = m.lock();
-                    m.grant = None;
-                    m.data.fill(0);
+    /// Revoke these grants now (those still current: a grant released or replaced by a newer grant of its
+    /// slab is left alone): their credentials stop working; sends `Revoked` for them. Returns how many.
+    pub fn revoke(&self, server: ServerId, grants: &[GrantRef]) -> usize {
+        let Some(s) = self.server(server) else { return 0 };
+        let done: Vec<GrantRef> = grants
+            .iter()
+            .copied()
+            .filter(|g| {
+                let Some(m) = s.slabs.get(g.slab.0 as usize) else { return false };
+                let mut m = m.lock();
+                if m.grant.is_none_or(|c| c.lease != g.lease) {
+                    return false;
                 }
-            }
+                m.grant = None;
+                m.data.fill(0);
+                true
+            })
+            .collect();
+        if !done.is_empty() {
+            self.emit(BackendEvent::Revoked { server, grants: done.clone() });
         }
-        self.emit(BackendEvent::Revoked { server, slabs: slabs.to_vec() });
+        done.len()
+    }
+
+    /// Deliver `ev` to every subscriber as it is, whatever the servers hold (a late, duplicated or
+    /// made-up event, as a test needs).
+    pub fn send_event(&self, ev: BackendEvent) {
+        self.emit(ev);
     }
 
     /// Crash a server: every operation on it fails with `Unreachable`. With `announce`, also send
@@ -159,6 +185,8 @@ impl FarBackend for MemBackend {
     fn lease(&self, slabs: usize) -> Result<Vec<FarSlab>> {
         let mut out = Vec::new();
         let n = self.servers.len() as u64;
+        // One lease id per call: a slab is granted at most once per call, so (slab, lease) names a grant.
+        let lease = LeaseId(self.next_lease.fetch_add(1, Ordering::Relaxed));
         for _ in 0..slabs {
             let granted = (0..n).find_map(|k| {
                 let s = &self.servers[((self.rr.fetch_add(1, Ordering::Relaxed) + k) % n) as usize];
@@ -172,9 +200,9 @@ impl FarBackend for MemBackend {
                     }
                     m.epoch += 1;
                     let token = Token(self.next_token.fetch_add(0x9E37, Ordering::Relaxed));
-                    m.grant = Some((token, Epoch(m.epoch)));
+                    let cred = Credential { lease, epoch: Epoch(m.epoch), token, rkey: 0, base_addr: 0 };
+                    m.grant = Some(cred);
                     m.data = vec![0; self.slab_bytes as usize];
-                    let cred = Credential { lease: LeaseId(1), epoch: Epoch(m.epoch), token, rkey: 0, base_addr: 0 };
                     let grant = SlabGrant { slab: SlabId(i as u32), len: self.slab_bytes, cred };
                     Some(FarSlab { server: s.id, grant })
                 })
@@ -193,7 +221,7 @@ impl FarBackend for MemBackend {
     fn release(&self, slab: &FarSlab) -> Result<()> {
         let s = self.server(slab.server).ok_or_else(|| Error::new(ErrorKind::Config, "unknown server"))?;
         let mut m = s.slabs[slab.grant.slab.0 as usize].lock();
-        if m.grant == Some((slab.grant.cred.token, slab.grant.cred.epoch)) {
+        if m.grant == Some(slab.grant.cred) {
             m.grant = None;
         }
         Ok(())
@@ -242,7 +270,8 @@ impl MemEndpoint {
             .get(wr.addr.slab.0 as usize)
             .ok_or_else(|| Error::new(ErrorKind::OutOfRange, "no such slab"))?;
         let mut m = slab.lock();
-        if m.grant != Some((wr.addr.cred.token, wr.addr.cred.epoch)) {
+        let c = &wr.addr.cred;
+        if m.grant.is_none_or(|g| (g.lease, g.epoch, g.token) != (c.lease, c.epoch, c.token)) {
             return Err(Error::new(ErrorKind::Revoked, "grant revoked or credential stale"));
         }
         let at = wr.addr.offset as usize;

@@ -59,7 +59,7 @@ use farpool_core::{Error, ErrorKind, Result};
 
 pub use arena::SlotCensus;
 pub use async_tier::AsyncPageTier;
-pub use backend::{BackendEvent, FarBackend, FarSlab};
+pub use backend::{BackendEvent, FarBackend, FarSlab, GrantRef};
 pub use pool_backend::PoolBackend;
 pub use stats::{Lookup, MissReason, TierStats};
 
@@ -168,7 +168,7 @@ impl PageTierBuilder {
         self
     }
 
-    /// Validate, lease `min_bytes`, start the threads.
+    /// Validate, subscribe to the backend's events, lease `min_bytes`, start the threads.
     pub fn build(self) -> Result<PageTier> {
         let c = &self.cfg;
         let bad = |m: String| Err(Error::new(ErrorKind::Config, m));
@@ -182,6 +182,9 @@ impl PageTierBuilder {
         if let Some((name, _)) = zero.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{name} must be at least 1"));
         }
+        // Subscribe before the first lease: an event about a grant made during the build (a notice, a
+        // revocation, a server lost) waits in the channel for the maintenance thread.
+        let events = self.backend.events();
         let inner = Arc::new(Inner::new(self.cfg, self.backend));
         inner.top_up();
         if inner.arena.leased_bytes() < inner.cfg.min_bytes {
@@ -202,7 +205,12 @@ impl PageTierBuilder {
             threads.push(spawn(format!("tier-writer-{i}"), writer::writer_loop, inner.clone())?);
         }
         threads.push(spawn("tier-prefetch".into(), prefetch::prefetch_loop, inner.clone())?);
-        threads.push(spawn("tier-maint".into(), elastic::maintenance_loop, inner.clone())?);
+        let maint = inner.clone();
+        let handle = std::thread::Builder::new()
+            .name("tier-maint".into())
+            .spawn(move || elastic::maintenance_loop(maint, events))
+            .map_err(|e| Error::io("spawn tier thread", e))?;
+        threads.push(handle);
         let guard = Arc::new(Threads { inner: inner.clone(), handles: parking_lot::Mutex::new(threads) });
         Ok(PageTier { inner, _threads: guard })
     }

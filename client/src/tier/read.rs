@@ -74,7 +74,7 @@ impl Inner {
             }
         }
         for (server, list) in plans {
-            self.read_planned(server, &list, out, &mut res);
+            self.read_planned(server, &list, out, &mut res, count);
         }
         if count {
             self.count(reqs, &res, &src);
@@ -106,14 +106,19 @@ impl Inner {
             }
             lost => {
                 let e = shard.remove(&page).expect("entry present");
+                let reason = if lost == SlabState::Revoked { MissReason::Revoked } else { MissReason::ServerDown };
+                if !count {
+                    self.lost.record(page, reason);
+                }
                 drop(shard);
                 self.release_place(e.place);
-                Err(if lost == SlabState::Revoked { MissReason::Revoked } else { MissReason::ServerDown })
+                Err(reason)
             }
         }
     }
 
-    fn read_planned(&self, server: ServerId, list: &[Plan], out: &mut [u8], res: &mut [Lookup]) {
+    /// An uncounted read (prefetch) that drops a page records why, for the page's next counted get.
+    fn read_planned(&self, server: ServerId, list: &[Plan], out: &mut [u8], res: &mut [Lookup], count: bool) {
         let ps = self.cfg.page_size;
         let addrs: Vec<RemoteAddr> = list.iter().map(|p| p.addr).collect();
         let reads = self.read_slots(server, &addrs);
@@ -123,13 +128,14 @@ impl Inner {
             let img = match r {
                 Ok(img) => img,
                 Err(e) => {
-                    res[p.idx] = Lookup::Miss(self.read_failed(p, e.kind()));
+                    res[p.idx] = Lookup::Miss(self.read_failed(p, e.kind(), count));
                     continue;
                 }
             };
             if !meta.word.is_published(p.slot.generation) {
-                // Evicted or reused while we read: whatever we got is not this page.
-                res[p.idx] = Lookup::Miss(MissReason::Absent);
+                // Evicted, reused or purged with its slab while we read: whatever we got is not this page.
+                let lost = if count { self.lost.take(p.page) } else { None };
+                res[p.idx] = Lookup::Miss(lost.unwrap_or(MissReason::Absent));
                 continue;
             }
             match layout::verify(&img, p.page, p.version, ps) {
@@ -140,7 +146,7 @@ impl Inner {
                 }
                 Err(why) => {
                     tracing::warn!(page = p.page, version = p.version, ?why, "page tier: far slot failed its check");
-                    self.drop_if_current(p.page, p.slot, None);
+                    self.drop_if_current(p.page, p.slot, (!count).then_some(MissReason::Checksum));
                     res[p.idx] = Lookup::Miss(MissReason::Checksum);
                 }
             }
@@ -148,16 +154,16 @@ impl Inner {
     }
 
     /// Classify a failed read; a revoked slab or a dead server is marked so later gets fail fast.
-    fn read_failed(&self, p: &Plan, kind: ErrorKind) -> MissReason {
+    fn read_failed(&self, p: &Plan, kind: ErrorKind, count: bool) -> MissReason {
         match kind {
             ErrorKind::Revoked | ErrorKind::Unauthorized | ErrorKind::OutOfRange => {
                 self.arena.set_state(p.slot.slab, SlabState::Revoked);
-                self.drop_if_current(p.page, p.slot, None);
+                self.drop_if_current(p.page, p.slot, (!count).then_some(MissReason::Revoked));
                 MissReason::Revoked
             }
             ErrorKind::Unreachable | ErrorKind::Closed => {
                 self.server_lost(self.arena.slab(p.slot.slab).server());
-                self.drop_if_current(p.page, p.slot, None);
+                self.drop_if_current(p.page, p.slot, (!count).then_some(MissReason::ServerDown));
                 MissReason::ServerDown
             }
             _ => MissReason::ServerDown,
@@ -182,6 +188,7 @@ impl Inner {
 
     /// Mark every slab of `server` down.
     pub(crate) fn server_lost(&self, server: ServerId) {
+        self.note_down(server);
         for (i, slab) in self.arena.all().iter().enumerate() {
             if slab.server() == server && self.arena.set_state(i as u32, SlabState::Down) != SlabState::Down {
                 Counters::add(&self.stats.slabs_lost, 1);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::RecvTimeoutError;
-use farpool_core::{Result, ServerId};
+use farpool_core::{ErrorKind, Result, ServerId};
 
 use super::arena::{SlabState, SlotRef};
 use super::inner::{Inner, PutItem};
@@ -134,6 +134,10 @@ impl Inner {
         let word = &slab.slots[r.slot as usize].word;
         if let Err(e) = result {
             tracing::debug!(page = job.page, error = %e, "page tier: far write failed");
+            if matches!(e.kind(), ErrorKind::Unreachable | ErrorKind::Closed) {
+                // As a failed read does: a server whose writes all fail may never be read from again.
+                self.server_lost(slab.server());
+            }
             self.arena.settle(r, word.fail(r.generation));
             let mut shard = self.table.shard(job.page);
             if matches!(shard.get(&job.page), Some(e) if e.place == Place::Writing(r)) {

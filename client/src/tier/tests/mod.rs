@@ -1,6 +1,7 @@
 //! Tests of the page tier against the in-memory backend: unit behaviour here, the model-based
-//! concurrency test in [`model`], fault injection in [`faults`].
+//! concurrency test in [`model`], fault injection in [`faults`], backend events in [`events`].
 
+mod events;
 mod faults;
 mod model;
 
