@@ -36,6 +36,9 @@ pub use far::{FarSetup, Mode};
   farbench bufferpool --modes ssd,tcp --dist zipf      # just the tcp bar
   farbench bufferpool --server 10.0.0.5:7070 --modes ssd,tcp   # a remote memory server")]
 pub struct Args {
+    /// Exit with status 2 when a performance bar fails (default: report it and exit 0, like `farbench tcp`).
+    #[arg(long)]
+    pub fail_on_bar: bool,
     /// Size of the data file (4x the frames by the workload's definition).
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     pub data: u64,
@@ -416,7 +419,9 @@ fn summary(args: &Args, results: &[RunResult]) -> Result<ExitCode> {
     }
     if failed {
         println!("some bars were not met (see FAIL rows)");
-        return Ok(ExitCode::FAILURE);
+        if args.fail_on_bar {
+            return Ok(ExitCode::from(2));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
