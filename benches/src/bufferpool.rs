@@ -299,7 +299,8 @@ fn one_run(
     Ok((res, bm.into_file()))
 }
 
-/// Run the workload; prints progress, then the summary table. Exit code 1 if a bar is not met.
+/// Run the workload; prints progress, then the summary table. Exit code 2 if a bar is not met and
+/// `--fail-on-bar` was given, else 0.
 pub fn run(args: &Args) -> Result<ExitCode> {
     if ![4096, 8192, 16384].contains(&args.page_size) {
         bail!("--page-size must be 4KiB, 8KiB or 16KiB");
