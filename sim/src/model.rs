@@ -104,15 +104,7 @@ pub enum Violation {
 
 /// The bytes of `page` at `version`, `len` long.
 pub fn content(page: u64, version: u64, len: usize) -> Vec<u8> {
-    let mut x = page.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ version.wrapping_mul(0xC2B2_AE3D_27D4_EB4F) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    farpool::tier::page_content(page, version, len)
 }
 
 /// What the owner of a page knows about it.

@@ -20,15 +20,7 @@ const BOUND: Duration = Duration::from_secs(60);
 
 /// The bytes of `page` at `version`: a mix-up of pages or versions, or a torn copy, changes them.
 fn content(page: u64, version: u64) -> Vec<u8> {
-    let mut x = page.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ version.wrapping_mul(0xC2B2_AE3D_27D4_EB4F) | 1;
-    (0..PS)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    farpool::tier::page_content(page, version, PS)
 }
 
 fn pool_of(servers: &[&MemServer]) -> Result<Arc<Pool>> {

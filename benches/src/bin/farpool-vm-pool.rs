@@ -108,15 +108,7 @@ fn pool(addr: &str, t: TransportChoice) -> farpool::Result<Pool> {
 
 /// A pseudo-random pattern of `len` bytes.
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    farpool::tier::page_content(seed, 0, len)
 }
 
 fn check_offered(srv: &MemServer) -> Result<String> {

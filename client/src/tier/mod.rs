@@ -42,6 +42,7 @@ pub mod mem;
 mod pool_backend;
 mod prefetch;
 mod read;
+mod sample;
 mod slot;
 mod stats;
 mod sync;
@@ -61,6 +62,7 @@ pub use arena::SlotCensus;
 pub use async_tier::AsyncPageTier;
 pub use backend::{BackendEvent, FarBackend, FarSlab, GrantRef};
 pub use pool_backend::PoolBackend;
+pub use sample::page_content;
 pub use stats::{Lookup, MissReason, TierStats};
 
 use inner::Inner;
