@@ -223,3 +223,30 @@ fn async_form_works_from_tokio() {
     });
     assert_eq!(t.stats().gets, 3);
 }
+
+#[test]
+fn a_full_put_queue_drops_puts_cleanly() {
+    // Writes take 20 ms each and the queue holds one put: a burst of puts overflows it at once.
+    let b = Arc::new(MemBackend::new(1, 4, 1 << 20));
+    let slow =
+        farpool_core::fault::FaultConfig { delay_prob: 1.0, delay: Duration::from_millis(20), ..Default::default() };
+    b.set_faults(Some(slow), 7);
+    let t = PageTier::builder(b.clone())
+        .with_page_size(PS)
+        .with_capacity_bytes(0, 4 << 20)
+        .with_queue_depth(1)
+        .with_writer_threads(1)
+        .build()
+        .unwrap();
+    let statuses: Vec<PutStatus> = (0..50).map(|p| t.put(p, 1, &content(p, 1))).collect();
+    let dropped: Vec<u64> = (0..50).filter(|&p| statuses[p as usize] == PutStatus::Dropped).collect();
+    assert!(!dropped.is_empty(), "a one-deep queue behind 20 ms writes must overflow: {statuses:?}");
+    assert!(statuses.contains(&PutStatus::Queued), "the first put is queued");
+    t.flush(FLUSH).unwrap();
+    let mut buf = vec![0; PS];
+    for &p in &dropped {
+        assert_eq!(t.get(p, 1, &mut buf), Lookup::Miss(MissReason::Absent), "a dropped put leaves nothing behind");
+    }
+    assert_eq!(t.stats().puts_dropped, dropped.len() as u64);
+    assert_no_leak(&t, "full queue");
+}
