@@ -13,5 +13,4 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-command -v cargo-nextest >/dev/null || { echo "[deps] cargo-nextest missing: cargo install cargo-nextest --locked" >&2; exit 1; }
 echo "[deps] ok"

@@ -7,6 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ts() { echo "[test $(date +%T)] $*"; }
 scripts/install-deps.sh
+if ! command -v cargo-nextest >/dev/null; then
+  ts "cargo-nextest missing: installing it from crates.io (a few minutes)"
+  cargo install cargo-nextest --locked
+fi
 # The rdma feature is on everywhere: on a host without RDMA the code takes its "no device" path,
 # and the device tests are #[ignore]d with the reason (nextest counts them as skipped).
 FEATURES="farpool-rdma/rdma,farpool/rdma,farpool-memserver/rdma,farpool-bench/rdma"
