@@ -188,7 +188,7 @@ impl<T: Transport> Transport for Faulty<T> {
 mod tests {
     use super::*;
     use crate::ids::*;
-    use crate::transport::{OpKind, OpOutput};
+    use crate::transport::OpKind;
 
     /// An in-memory transport: a flat byte array, every op completes at once, in order.
     #[derive(Debug)]
@@ -204,15 +204,7 @@ mod tests {
         fn post(&mut self, batch: &mut Vec<WorkRequest>) -> Result<usize> {
             let n = batch.len();
             for wr in batch.drain(..) {
-                let o = wr.addr.offset as usize;
-                let result = match wr.op {
-                    OpKind::Read { len } => Ok(OpOutput::Read(self.bytes[o..o + len as usize].to_vec().into())),
-                    OpKind::Write { data } => {
-                        self.bytes[o..o + data.len()].copy_from_slice(&data);
-                        Ok(OpOutput::Write)
-                    }
-                    _ => Err(Error::new(ErrorKind::Unsupported, "no atomics")),
-                };
+                let result = crate::transport::apply_to_bytes(&mut self.bytes, wr.addr.offset, &wr.op);
                 self.done.push(Completion { wr_id: wr.wr_id, result });
             }
             Ok(n)

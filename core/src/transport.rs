@@ -183,6 +183,39 @@ pub trait Transport: Send {
     }
 }
 
+/// Execute `op` on plain bytes at `offset` of `mem`: the reference semantics of the one-sided operations,
+/// for in-memory and simulated backends (the page tier's test backend, `farpool-sim`). Bounds are checked
+/// (`OutOfRange`); atomics act on little-endian u64 words (callers check alignment with
+/// [`OpKind::check`], as every transport does before touching memory).
+pub fn apply_to_bytes(mem: &mut [u8], offset: u64, op: &OpKind) -> Result<OpOutput> {
+    let at = usize::try_from(offset).ok();
+    let range = at.and_then(|a| Some(a..a.checked_add(usize::try_from(op.len()).ok()?)?));
+    let Some(r) = range.filter(|r| r.end <= mem.len()) else {
+        let msg = format!("{} bytes at offset {offset} are beyond the {} bytes of the slab", op.len(), mem.len());
+        return Err(Error::new(ErrorKind::OutOfRange, msg));
+    };
+    let word = |m: &[u8]| u64::from_le_bytes(m[r.clone()].try_into().expect("atomics are 8 bytes"));
+    Ok(match op {
+        OpKind::Read { .. } => OpOutput::Read(Bytes::copy_from_slice(&mem[r])),
+        OpKind::Write { data } => {
+            mem[r].copy_from_slice(data);
+            OpOutput::Write
+        }
+        OpKind::CompareSwap { expect, new } => {
+            let old = word(mem);
+            if old == *expect {
+                mem[r].copy_from_slice(&new.to_le_bytes());
+            }
+            OpOutput::Atomic(old)
+        }
+        OpKind::FetchAdd { add } => {
+            let old = word(mem);
+            mem[r].copy_from_slice(&old.wrapping_add(*add).to_le_bytes());
+            OpOutput::Atomic(old)
+        }
+    })
+}
+
 fn atomic_value(o: OpOutput) -> Result<u64> {
     match o {
         OpOutput::Atomic(v) => Ok(v),
@@ -280,5 +313,26 @@ impl<T: Transport + 'static> AsyncTransport<T> {
     /// Fetch-and-add.
     pub async fn fetch_add(&self, addr: RemoteAddr, add: u64) -> Result<u64> {
         self.run(move |t| t.fetch_add(addr, add)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apply_to_bytes_is_the_reference_semantics() {
+        let mut m = vec![0u8; 64];
+        let w = OpKind::Write { data: Bytes::from_static(b"abcdefgh") };
+        assert_eq!(apply_to_bytes(&mut m, 8, &w).unwrap(), OpOutput::Write);
+        assert_eq!(apply_to_bytes(&mut m, 8, &OpKind::Read { len: 8 }).unwrap(), OpOutput::Read("abcdefgh".into()));
+        assert_eq!(apply_to_bytes(&mut m, 16, &OpKind::FetchAdd { add: 5 }).unwrap(), OpOutput::Atomic(0));
+        let cas = |expect, new| OpKind::CompareSwap { expect, new };
+        assert_eq!(apply_to_bytes(&mut m, 16, &cas(4, 9)).unwrap(), OpOutput::Atomic(5), "no swap");
+        assert_eq!(apply_to_bytes(&mut m, 16, &cas(5, 9)).unwrap(), OpOutput::Atomic(5), "swap");
+        assert_eq!(m[16..24], 9u64.to_le_bytes());
+        for (off, op) in [(60, OpKind::Read { len: 8 }), (u64::MAX, OpKind::FetchAdd { add: 1 }), (64, w)] {
+            assert_eq!(apply_to_bytes(&mut m, off, &op).unwrap_err().kind(), ErrorKind::OutOfRange);
+        }
     }
 }

@@ -22,9 +22,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use farpool::tier::{BackendEvent, FarBackend, FarSlab, GrantRef};
+use farpool_core::transport::apply_to_bytes;
 use farpool_core::{
     Credential, Epoch, Error, ErrorKind, LeaseId, OpKind, OpOutput, Result, ServerId, SlabGrant, SlabId, Token,
     Transport, WorkRequest,
@@ -165,31 +165,18 @@ impl Core {
             return Err(e);
         }
         let at = wr.addr.offset as usize;
-        let Some(end) = at.checked_add(wr.op.len() as usize).filter(|&e| e <= m.data.len()) else {
+        if at.checked_add(wr.op.len() as usize).is_none_or(|end| end > m.data.len()) {
             return Err(err(ErrorKind::OutOfRange, "beyond the slab"));
-        };
+        }
         SimCounters::add(&self.counters.executed, 1);
-        let word = |d: &[u8]| u64::from_le_bytes(d[at..end].try_into().expect("8 bytes"));
-        Ok(match &wr.op {
-            OpKind::Read { .. } => OpOutput::Read(Bytes::copy_from_slice(&m.data[at..end])),
-            OpKind::Write { data } => {
-                let n = prefix.unwrap_or(data.len()).min(data.len());
-                m.data[at..at + n].copy_from_slice(&data[..n]);
-                OpOutput::Write
+        match (&wr.op, prefix) {
+            // A torn write: only its first `n` bytes land.
+            (OpKind::Write { data }, Some(n)) => {
+                let torn = OpKind::Write { data: data.slice(..n.min(data.len())) };
+                apply_to_bytes(&mut m.data, wr.addr.offset, &torn)
             }
-            OpKind::CompareSwap { expect, new } => {
-                let old = word(&m.data);
-                if old == *expect {
-                    m.data[at..end].copy_from_slice(&new.to_le_bytes());
-                }
-                OpOutput::Atomic(old)
-            }
-            OpKind::FetchAdd { add } => {
-                let old = word(&m.data);
-                m.data[at..end].copy_from_slice(&old.wrapping_add(*add).to_le_bytes());
-                OpOutput::Atomic(old)
-            }
-        })
+            (op, _) => apply_to_bytes(&mut m.data, wr.addr.offset, op),
+        }
     }
 
     pub(crate) fn defer(&self, late: Late) {

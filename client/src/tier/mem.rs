@@ -14,8 +14,8 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use farpool_core::fault::{FaultConfig, Faulty};
 use farpool_core::{
-    Completion, Credential, Epoch, Error, ErrorKind, LeaseId, OpKind, OpOutput, Result, ServerId, SlabGrant, SlabId,
-    Token, Transport, TransportKind, WorkRequest,
+    Completion, Credential, Epoch, Error, ErrorKind, LeaseId, OpOutput, Result, ServerId, SlabGrant, SlabId, Token,
+    Transport, TransportKind, WorkRequest,
 };
 use parking_lot::Mutex;
 
@@ -274,29 +274,7 @@ impl MemEndpoint {
         if m.grant.is_none_or(|g| (g.lease, g.epoch, g.token) != (c.lease, c.epoch, c.token)) {
             return Err(Error::new(ErrorKind::Revoked, "grant revoked or credential stale"));
         }
-        let at = wr.addr.offset as usize;
-        let end = at.checked_add(wr.op.len() as usize).filter(|&e| e <= m.data.len());
-        let Some(end) = end else { return Err(Error::new(ErrorKind::OutOfRange, "beyond the slab")) };
-        let word = |d: &[u8]| u64::from_le_bytes(d[at..end].try_into().expect("8 bytes"));
-        Ok(match &wr.op {
-            OpKind::Read { .. } => OpOutput::Read(bytes::Bytes::copy_from_slice(&m.data[at..end])),
-            OpKind::Write { data } => {
-                m.data[at..end].copy_from_slice(data);
-                OpOutput::Write
-            }
-            OpKind::CompareSwap { expect, new } => {
-                let old = word(&m.data);
-                if old == *expect {
-                    m.data[at..end].copy_from_slice(&new.to_le_bytes());
-                }
-                OpOutput::Atomic(old)
-            }
-            OpKind::FetchAdd { add } => {
-                let old = word(&m.data);
-                m.data[at..end].copy_from_slice(&old.wrapping_add(*add).to_le_bytes());
-                OpOutput::Atomic(old)
-            }
-        })
+        farpool_core::transport::apply_to_bytes(&mut m.data, wr.addr.offset, &wr.op)
     }
 }
 
