@@ -40,13 +40,13 @@ pub struct Args {
     #[arg(long)]
     pub fail_on_bar: bool,
     /// Size of the data file (4x the frames by the workload's definition).
-    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "256MiB", value_parser = crate::op::size_arg)]
     pub data: u64,
     /// Local frame pool size.
-    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "64MiB", value_parser = crate::op::size_arg)]
     pub frames: u64,
     /// Page size (4KiB, 8KiB or 16KiB).
-    #[arg(long, default_value = "8KiB", value_parser = parse_size)]
+    #[arg(long, default_value = "8KiB", value_parser = crate::op::size_arg)]
     pub page_size: u64,
     /// Worker threads.
     #[arg(long, default_value_t = 4)]
@@ -70,7 +70,7 @@ pub struct Args {
     #[arg(long, default_value = "ssd,tcp,shm,rdma", value_delimiter = ',')]
     pub modes: Vec<String>,
     /// Far memory the tier may use (default: as much as the data file).
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = crate::op::size_arg)]
     pub far_max: Option<u64>,
     /// Directory for the data file (default: the system temp dir). Put it on the SSD you mean to test.
     #[arg(long)]
@@ -90,10 +90,6 @@ pub struct Args {
     /// I/O worker threads of the embedded memory server.
     #[arg(long, default_value_t = 2)]
     pub server_workers: usize,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    farpool_core::size::parse_bytes(s).map_err(|e| e.to_string())
 }
 
 /// Scrambled Zipfian over `0..n` (Gray et al., as in YCSB): rank r is drawn with P ~ 1/(r+1)^theta,

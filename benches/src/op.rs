@@ -51,6 +51,26 @@ impl fmt::Display for BenchOp {
 /// Largest size one operation may move (the wire protocol's per-op maximum, 1 MiB).
 pub const MAX_SIZE: usize = farpool_core::wire::MAX_OP_LEN as usize;
 
+/// clap value parser for one size flag (`256MiB`, `8KiB`, `4096`).
+pub fn size_arg(s: &str) -> std::result::Result<u64, String> {
+    farpool_core::size::parse_bytes(s).map_err(|e| e.to_string())
+}
+
+/// Set `stream`'s read timeout to `timeout` (at least 1 ms) unless `cache` says it already is: one
+/// `setsockopt` per change, not one per poll.
+pub fn set_read_timeout_cached(
+    stream: &std::net::TcpStream,
+    cache: &mut Option<std::time::Duration>,
+    timeout: std::time::Duration,
+) -> std::io::Result<()> {
+    let t = Some(timeout.max(std::time::Duration::from_millis(1)));
+    if *cache != t {
+        stream.set_read_timeout(t)?;
+        *cache = t;
+    }
+    Ok(())
+}
+
 /// Parse a comma-separated size list (`8,64,512,4K,8K,64K,1M`): sorted, deduplicated, each 1..=1 MiB.
 pub fn parse_sizes(s: &str) -> Result<Vec<usize>> {
     let mut out = Vec::new();

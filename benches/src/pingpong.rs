@@ -201,11 +201,7 @@ impl Endpoint for PingPongEndpoint {
     }
 
     fn reap(&mut self, timeout: Duration) -> Result<usize> {
-        let timeout = Some(timeout.max(Duration::from_millis(1)));
-        if self.read_timeout != timeout {
-            self.stream.set_read_timeout(timeout)?;
-            self.read_timeout = timeout;
-        }
+        crate::op::set_read_timeout_cached(&self.stream, &mut self.read_timeout, timeout)?;
         loop {
             let n = match self.stream.read(&mut self.scratch) {
                 Ok(0) => bail!("ping-pong server closed the connection"),

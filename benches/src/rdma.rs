@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Args;
 use farpool::{Endpoint, Lease, PoolBuilder, TransportChoice, TransportKind};
-use farpool_core::size::parse_bytes;
 use farpool_core::{Completion, OpKind, Transport, WorkRequest};
 use serde::Serialize;
 
@@ -54,13 +53,13 @@ pub struct RdmaArgs {
     #[arg(long)]
     pub server: Option<String>,
     /// READ latency sizes (perftest runs each too).
-    #[arg(long, value_delimiter = ',', default_value = "8,8KiB", value_parser = size_arg)]
+    #[arg(long, value_delimiter = ',', default_value = "8,8KiB", value_parser = crate::op::size_arg)]
     pub lat_sizes: Vec<u64>,
     /// Timed operations per latency phase (perftest -n).
     #[arg(long, default_value_t = 1000)]
     pub iters: u64,
     /// Bandwidth message size.
-    #[arg(long, default_value = "64KiB", value_parser = size_arg)]
+    #[arg(long, default_value = "64KiB", value_parser = crate::op::size_arg)]
     pub bw_size: u64,
     /// Operations per bandwidth phase (perftest -n).
     #[arg(long, default_value_t = 2000)]
@@ -80,10 +79,6 @@ pub struct RdmaArgs {
     /// Report bars but exit 0 even when one fails.
     #[arg(long)]
     pub no_check: bool,
-}
-
-fn size_arg(s: &str) -> std::result::Result<u64, String> {
-    parse_bytes(s).map_err(|e| e.to_string())
 }
 
 /// One of our latency phases.

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use clap::Args;
-use farpool_core::size::{format_bytes, parse_bytes};
+use farpool_core::size::format_bytes;
 use farpool_core::{Credential, Epoch, LeaseId, RemoteAddr, SlabGrant, SlabId, Token, Transport};
 use farpool_cxl::coherence::Coherence;
 use farpool_cxl::shm::{GrantMemory, ShmClient, ShmGrants, ShmOptions, ShmServer, ShmServerOptions, ShmTransport};
@@ -36,10 +36,10 @@ pub const READ_BW_RATIO_MIN: f64 = 0.70;
 #[derive(Args, Debug, Clone)]
 pub struct ShmArgs {
     /// Bytes per operation.
-    #[arg(long, default_value = "8KiB", value_parser = size_arg)]
+    #[arg(long, default_value = "8KiB", value_parser = crate::op::size_arg)]
     pub size: u64,
     /// Working set: the grant size, and the raw buffer size (larger than the LLC for random access).
-    #[arg(long, default_value = "64MiB", value_parser = size_arg)]
+    #[arg(long, default_value = "64MiB", value_parser = crate::op::size_arg)]
     pub working_set: u64,
     /// Timed operations per latency phase (after 10% warm-up).
     #[arg(long, default_value_t = 200_000)]
@@ -59,10 +59,6 @@ pub struct ShmArgs {
     /// Report bars but exit 0 even when one fails.
     #[arg(long)]
     pub no_check: bool,
-}
-
-fn size_arg(s: &str) -> std::result::Result<u64, String> {
-    parse_bytes(s).map_err(|e| e.to_string())
 }
 
 /// One phase's figures.

@@ -256,11 +256,7 @@ impl Endpoint for RedisEndpoint {
     }
 
     fn reap(&mut self, timeout: Duration) -> Result<usize> {
-        let timeout = Some(timeout.max(Duration::from_millis(1)));
-        if self.read_timeout != timeout {
-            self.stream.set_read_timeout(timeout)?;
-            self.read_timeout = timeout;
-        }
+        crate::op::set_read_timeout_cached(&self.stream, &mut self.read_timeout, timeout)?;
         loop {
             let mut k = 0;
             while let Some(r) = parse_reply(&mut self.rbuf)? {
