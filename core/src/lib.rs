@@ -17,6 +17,7 @@ pub mod error;
 pub mod fault;
 pub mod ids;
 pub mod pinned;
+pub mod sample;
 pub mod size;
 pub mod tcp;
 pub mod transport;

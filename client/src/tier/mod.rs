@@ -42,7 +42,6 @@ pub mod mem;
 mod pool_backend;
 mod prefetch;
 mod read;
-mod sample;
 mod slot;
 mod stats;
 mod sync;
@@ -61,8 +60,8 @@ use farpool_core::{Error, ErrorKind, Result};
 pub use arena::SlotCensus;
 pub use async_tier::AsyncPageTier;
 pub use backend::{BackendEvent, FarBackend, FarSlab, GrantRef};
+pub use farpool_core::sample::page_content;
 pub use pool_backend::PoolBackend;
-pub use sample::page_content;
 pub use stats::{Lookup, MissReason, TierStats};
 
 use inner::Inner;

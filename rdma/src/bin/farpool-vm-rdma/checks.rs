@@ -24,15 +24,7 @@ fn remote(r: &RemoteRegion, offset: u64) -> Remote {
 }
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    farpool_core::sample::page_content(seed, 0, len)
 }
 
 fn ensure(cond: bool, why: impl FnOnce() -> String) -> Result<()> {

@@ -1,4 +1,5 @@
-//! Deterministic page contents for tests, simulations and benchmarks.
+//! Deterministic byte patterns for tests, simulations, benchmarks and the guest checks: one generator
+//! instead of a copy in each of them.
 
 /// `len` bytes that depend on both `page` and `version` (an xorshift stream seeded by both): a page
 /// served for the wrong id or version, or a torn copy mixing two versions, differs from it, so a
