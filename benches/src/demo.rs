@@ -44,6 +44,8 @@ impl DemoArgs {
             lat_duration: Duration::from_millis(600),
             tput_conns: 16,
             tput_depth: 16,
+            tput_refill: crate::driver::Refill::Batch,
+            tput_threads: crate::tcp::default_client_threads(),
             tput_duration: Duration::from_millis(900),
             server: self.server,
             server_workers: 0,

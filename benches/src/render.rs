@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use crate::driver::Refill;
 use crate::op::size_label;
 use crate::report::{Baseline, Phase, RunReport, System, Table};
 
@@ -48,10 +49,13 @@ pub fn render_text(r: &RunReport) -> String {
 }
 
 fn shape_of(r: &RunReport, phase: Phase) -> String {
-    r.measurements
-        .iter()
-        .find(|m| m.phase == phase)
-        .map_or_else(String::new, |m| format!("{} connection(s) x depth {}", m.conns, m.depth))
+    r.measurements.iter().find(|m| m.phase == phase).map_or_else(String::new, |m| {
+        let refill = match m.refill {
+            Refill::Batch => "pipelined in batches as redis-benchmark -P",
+            Refill::Window => "sliding window",
+        };
+        format!("{} connection(s) x depth {} ({refill}; {} client thread(s))", m.conns, m.depth, m.threads)
+    })
 }
 
 fn latency_table(r: &RunReport) -> String {

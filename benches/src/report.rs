@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::driver::Refill;
 use crate::op::BenchOp;
 use crate::stats::Figures;
 
@@ -55,10 +56,14 @@ pub struct Measurement {
     pub phase: Phase,
     /// Bytes per operation.
     pub size: usize,
-    /// Connections (one thread each).
+    /// Connections.
     pub conns: usize,
+    /// Client threads that drove them.
+    pub threads: usize,
     /// Operations in flight per connection.
     pub depth: usize,
+    /// How the connections' pipelines were refilled.
+    pub refill: Refill,
     /// What was measured.
     pub figures: Figures,
     /// CPU time the server (farpool's embedded I/O threads, the redis-server process) spent per

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use crate::cpu::{CpuSource, FARPOOL_IO_THREADS};
-use crate::driver::{Endpoint, PhaseSpec, Sample, run_phase};
+use crate::driver::{Endpoint, PhaseSpec, Refill, Sample, run_phase};
 use crate::op::{BenchOp, size_label};
 use crate::pingpong::{EchoServer, PingPongEndpoint};
 use crate::progress::Progress;
@@ -41,6 +41,10 @@ pub struct SuiteConfig {
     pub tput_conns: usize,
     /// Throughput phase: pipeline depth per connection.
     pub tput_depth: usize,
+    /// Throughput phase: how the pipeline is refilled (every system alike).
+    pub tput_refill: Refill,
+    /// Throughput phase: client threads driving the connections (0: one per connection).
+    pub tput_threads: usize,
     /// Throughput phase: duration; zero skips the phase.
     pub tput_duration: Duration,
     /// External farpool server, or `None` for an embedded one.
@@ -73,7 +77,9 @@ impl SuiteConfig {
     fn spec(&self, which: PhaseSpecFor) -> PhaseSpec {
         match which {
             PhaseSpecFor::Latency => PhaseSpec::latency(self.lat_conns, self.lat_depth, self.iters, self.lat_duration),
-            PhaseSpecFor::Throughput => PhaseSpec::throughput(self.tput_conns, self.tput_depth, self.tput_duration),
+            PhaseSpecFor::Throughput => PhaseSpec::throughput(self.tput_conns, self.tput_depth, self.tput_duration)
+                .with_refill(self.tput_refill)
+                .with_threads(self.tput_threads),
         }
     }
 
@@ -186,7 +192,9 @@ pub fn run_suite(cfg: &SuiteConfig) -> Result<RunReport> {
                     phase,
                     size,
                     conns: spec.conns,
+                    threads: spec.effective_threads(),
                     depth: spec.depth,
+                    refill: spec.refill,
                     figures,
                     server_cpu_us_per_op: per_op(r.server_cpu_s),
                     client_cpu_us_per_op: per_op(r.client_cpu_s),
@@ -301,6 +309,8 @@ mod tests {
             lat_duration: Duration::from_millis(300),
             tput_conns: 16,
             tput_depth: 16,
+            tput_refill: Refill::Batch,
+            tput_threads: 2,
             tput_duration: Duration::from_millis(150),
             server: None,
             server_workers: 1,

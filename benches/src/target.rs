@@ -11,6 +11,7 @@
 //! rotates over its keys; atomics of connection `i` hit their own 8-byte word.
 
 use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -183,6 +184,10 @@ impl Endpoint for FarpoolEndpoint {
             bail!("the transport took {posted} of {n} operations (in-flight bound {INFLIGHT_MAX})");
         }
         Ok(())
+    }
+
+    fn wait_fd(&self) -> BorrowedFd<'_> {
+        self.ep.wait_fd().expect("the bench forces the tcp transport, which has a socket")
     }
 
     fn reap(&mut self, timeout: Duration) -> Result<usize> {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use clap::Args;
 
+use crate::driver::Refill;
 use crate::op::{BenchOp, parse_sizes};
 use crate::report::{RunReport, Verdict};
 use crate::suite::{SuiteConfig, run_suite};
@@ -42,12 +43,22 @@ pub struct TcpArgs {
     /// Latency phase: milliseconds at most per size and system.
     #[arg(long, default_value_t = 600)]
     pub duration_ms: u64,
-    /// Throughput phase: connections, one thread each.
+    /// Throughput phase: connections.
     #[arg(long, default_value_t = 16)]
     pub tput_conns: usize,
+    /// Throughput phase: client threads driving the connections, each waiting on its share of them
+    /// with poll(2) as redis-benchmark and memtier do (0: one thread per connection, blocking reads).
+    /// Default: one per CPU. Every system is driven the same way.
+    #[arg(long)]
+    pub tput_threads: Option<usize>,
     /// Throughput phase: pipeline depth per connection.
     #[arg(long, default_value_t = 16)]
     pub tput_depth: usize,
+    /// Throughput phase: `batch` sends DEPTH operations, waits for all of them, sends DEPTH more (as
+    /// `redis-benchmark -P DEPTH`); `window` replaces each completion at once (a sliding window, as fio's
+    /// iodepth). Every system is driven the same way.
+    #[arg(long, value_enum, default_value_t = Refill::Batch)]
+    pub tput_refill: Refill,
     /// Throughput phase: milliseconds per size and system (0 skips the phase).
     #[arg(long, default_value_t = 1000)]
     pub tput_ms: u64,
@@ -78,6 +89,11 @@ pub struct TcpArgs {
     pub fail_on_bar: bool,
 }
 
+/// Client threads of the throughput phase by default: one per CPU.
+pub fn default_client_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+}
+
 /// Largest `--qd`, `--tput-depth`: the pool's in-flight bound per endpoint.
 const DEPTH_MAX: usize = crate::target::INFLIGHT_MAX;
 /// Largest `--threads`, `--tput-conns`.
@@ -95,6 +111,9 @@ impl TcpArgs {
             if v == 0 || v > max {
                 bail!("{name} must be between 1 and {max}, got {v}");
             }
+        }
+        if self.tput_threads.is_some_and(|t| t > CONNS_MAX) {
+            bail!("--tput-threads must be at most {CONNS_MAX}");
         }
         if self.iters == 0 || self.duration_ms == 0 {
             bail!("--iters and --duration-ms must be positive");
@@ -118,6 +137,8 @@ impl TcpArgs {
             lat_duration: Duration::from_millis(self.duration_ms),
             tput_conns: self.tput_conns,
             tput_depth: self.tput_depth,
+            tput_refill: self.tput_refill,
+            tput_threads: self.tput_threads.unwrap_or_else(default_client_threads),
             tput_duration: Duration::from_millis(self.tput_ms),
             server: self.server,
             server_workers: self.server_workers,

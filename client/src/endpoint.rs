@@ -95,6 +95,12 @@ impl Endpoint {
         &mut *self.transport
     }
 
+    /// The transport's descriptor to wait on when one thread drives many endpoints (see
+    /// [`Transport::wait_fd`]); `None` for transports without one (shm completes at once; rdma polls).
+    pub fn wait_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.transport.wait_fd()
+    }
+
     /// The underlying transport, owned (e.g. to wrap it in a decorator such as `farpool_core::fault::Faulty`).
     pub fn into_transport(self) -> Box<dyn Transport> {
         self.transport

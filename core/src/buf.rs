@@ -39,6 +39,34 @@ pub fn read_fd_into(fd: BorrowedFd<'_>, buf: &mut BytesMut, want: usize) -> io::
     }
 }
 
+/// `recv(2)` with `MSG_DONTWAIT` from socket `fd` into the spare capacity of `buf` (at least `want` bytes
+/// reserved first): never blocks. Returns `Ok(None)` when nothing is available, `Ok(Some(0))` at end of
+/// stream. Retries on `EINTR`.
+pub fn recv_nowait_into(fd: BorrowedFd<'_>, buf: &mut BytesMut, want: usize) -> io::Result<Option<usize>> {
+    buf.reserve(want);
+    let spare = buf.chunk_mut();
+    let len = spare.len();
+    let ptr = spare.as_mut_ptr();
+    loop {
+        // SAFETY: as in `read_fd_into`: `ptr..ptr+len` is the unaliased spare capacity of `buf`, which the
+        // kernel only writes; `fd` is a live borrowed descriptor.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), ptr.cast(), len, libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            let n = n as usize;
+            assert!(n <= len);
+            // SAFETY: the kernel initialized exactly `n` bytes of the spare capacity.
+            unsafe { buf.advance_mut(n) };
+            return Ok(Some(n));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(None),
+            _ => return Err(e),
+        }
+    }
+}
+
 /// Append `len` bytes to `out`, written in place by `fill`, which must write every byte of the slice
 /// it is given when it returns `Ok` (on `Err` nothing is appended).
 pub fn put_filled<E>(
@@ -75,7 +103,12 @@ mod tests {
         .unwrap();
         assert!(put_filled(&mut buf, 3, |_| Err(())).is_err());
         assert_eq!(&buf[..], b"xhelloabc");
+        assert_eq!(recv_nowait_into(b.as_fd(), &mut buf, 16).unwrap(), None, "nothing sent: would block");
+        a.write_all(b"z").unwrap();
+        assert_eq!(recv_nowait_into(b.as_fd(), &mut buf, 16).unwrap(), Some(1));
+        assert_eq!(&buf[..], b"xhelloabcz");
         drop(a);
+        assert_eq!(recv_nowait_into(b.as_fd(), &mut buf, 16).unwrap(), Some(0));
         assert_eq!(read_fd_into(b.as_fd(), &mut buf, 16).unwrap(), 0);
     }
 }

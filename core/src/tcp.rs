@@ -247,6 +247,16 @@ impl Transport for TcpTransport {
                         self.break_with(ErrorKind::Timeout, "server did not answer within op_timeout");
                         continue;
                     }
+                    if timeout.is_zero() {
+                        match self.reader.try_fill_fd(&self.stream) {
+                            Ok(Some(_)) => continue,
+                            Ok(None) => break, // nothing on the socket: never block
+                            Err(e) => {
+                                self.break_with(e.kind(), &e.to_string());
+                                continue;
+                            }
+                        }
+                    }
                     // Whole milliseconds, so the common case (the caller's constant wait) hits the cache.
                     let wait = Duration::from_millis(timeout.min(left).as_millis().max(1) as u64);
                     if wait != self.read_timeout && self.stream.set_read_timeout(Some(wait)).is_ok() {
@@ -265,6 +275,10 @@ impl Transport for TcpTransport {
             }
         }
         Ok(out.len() - start)
+    }
+
+    fn wait_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(&self.stream))
     }
 
     fn inflight(&self) -> usize {

@@ -92,9 +92,18 @@ pub trait Transport: Send {
     /// exactly once. An `Err` means the endpoint itself is unusable.
     fn post(&mut self, batch: &mut Vec<WorkRequest>) -> Result<usize>;
 
-    /// Move up to `max` completions into `out`, waiting up to `timeout` for the first one.
-    /// Returns how many were added (0 on timeout, or when nothing is in flight).
+    /// Move up to `max` completions into `out`, waiting up to `timeout` for the first one; a zero
+    /// `timeout` never blocks. Returns how many were added (0 on timeout, or when nothing is in flight).
     fn poll(&mut self, out: &mut Vec<Completion>, max: usize, timeout: Duration) -> Result<usize>;
+
+    /// A descriptor that turns readable when completions may be ready, so that one thread can wait on
+    /// many endpoints at once (`poll(2)`/`epoll(7)`) instead of one blocking `poll` per endpoint. Wait on
+    /// it only after `poll(.., Duration::ZERO)` returned nothing: completions already received are
+    /// buffered and do not make it readable. `None` (the default): this transport has no such
+    /// descriptor; poll it directly.
+    fn wait_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
 
     /// Operations posted and not yet completed.
     fn inflight(&self) -> usize;
@@ -232,6 +241,9 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn poll(&mut self, out: &mut Vec<Completion>, max: usize, timeout: Duration) -> Result<usize> {
         (**self).poll(out, max, timeout)
+    }
+    fn wait_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        (**self).wait_fd()
     }
     fn inflight(&self) -> usize {
         (**self).inflight()

@@ -75,6 +75,55 @@ fn pipelined_batches_complete_in_order_with_the_right_data() {
     assert_eq!((s.ops_write, s.ops_read, s.bytes_written, s.bytes_read), (64, 64, 64 * 512, 64 * 512));
 }
 
+/// `poll` with a zero timeout never blocks, and one thread can wait on several endpoints' `wait_fd`.
+#[test]
+fn zero_timeout_poll_never_blocks_and_wait_fds_multiplex_endpoints() {
+    let server = start(config());
+    let mut ctl = Raw::connect(server.local_addr());
+    let g = ctl.lease(1);
+    let base = RemoteAddr::in_grant(&g.grants[0], 0);
+    let mut eps: Vec<_> = (0..3).map(|_| transport(server.local_addr())).collect();
+    eps[0].write(base, &[5u8; 4096]).unwrap();
+    let mut out = Vec::new();
+    assert_eq!(eps[1].poll(&mut out, 16, Duration::ZERO).unwrap(), 0, "nothing in flight");
+    let mut batch: Vec<WorkRequest> = Vec::new();
+    for (i, ep) in eps.iter_mut().enumerate() {
+        batch.extend((0..8u64).map(|k| WorkRequest {
+            wr_id: i as u64 * 100 + k,
+            addr: base.offset_by(k * 512),
+            op: OpKind::Read { len: 512 },
+        }));
+        assert_eq!(ep.post(&mut batch).unwrap(), 8);
+    }
+    // Wait on all three sockets with poll(2), reaping with zero-timeout polls, until every op is back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = [0usize; 3];
+    while got.iter().sum::<usize>() < 24 {
+        assert!(Instant::now() < deadline, "completions missing after 10 s: {got:?}");
+        let mut progressed = false;
+        for (i, ep) in eps.iter_mut().enumerate() {
+            let before = out.len();
+            let t = Instant::now();
+            let k = ep.poll(&mut out, usize::MAX, Duration::ZERO).unwrap();
+            assert!(t.elapsed() < Duration::from_millis(500), "a zero-timeout poll blocked for {:?}", t.elapsed());
+            for c in &out[before..] {
+                assert_eq!(c.wr_id / 100, i as u64, "completion on the wrong endpoint");
+                let Ok(OpOutput::Read(d)) = &c.result else { panic!("{:?}", c.result) };
+                assert!(d.iter().all(|b| *b == 5));
+            }
+            got[i] += k;
+            progressed |= k > 0;
+        }
+        if !progressed {
+            use nix::poll::{PollFd, PollFlags, PollTimeout};
+            let mut fds: Vec<PollFd<'_>> =
+                eps.iter().map(|e| PollFd::new(e.wait_fd().expect("tcp has a wait fd"), PollFlags::POLLIN)).collect();
+            nix::poll::poll(&mut fds, PollTimeout::from(100u8)).expect("poll(2)");
+        }
+    }
+    assert_eq!(got, [8, 8, 8]);
+}
+
 /// Maximal reads in flight push the server's output past its high-water mark: it must write and keep going.
 #[test]
 fn maximal_operations_pass_the_output_high_water_mark() {

@@ -518,7 +518,8 @@ impl Reader {
 #[derive(Debug)]
 pub struct FrameReader {
     buf: BytesMut,
-    scratch: Box<[u8]>,
+    /// Bounce buffer of [`FrameReader::fill`] (generic readers), allocated on first use.
+    scratch: Vec<u8>,
 }
 
 impl Default for FrameReader {
@@ -528,12 +529,16 @@ impl Default for FrameReader {
 }
 
 impl FrameReader {
-    /// Bytes asked of the stream per read.
-    pub const CHUNK: usize = 64 * 1024;
+    /// Bytes asked of a socket per read. Larger reads mean fewer syscalls and fewer moves of a partial
+    /// frame to the front of the buffer; 128 KiB measured best for pipelined 8 KiB reads (`farbench tcp`:
+    /// client CPU per op 1.50 us at 64 KiB, ~1.26 us at 128-256 KiB, worse again at 1 MiB).
+    pub const CHUNK: usize = 128 * 1024;
+    /// Bytes asked of a generic reader per [`FrameReader::fill`].
+    const SCRATCH: usize = 64 * 1024;
 
     /// A reader with an empty buffer.
     pub fn new() -> Self {
-        Self { buf: BytesMut::with_capacity(Self::CHUNK), scratch: vec![0; Self::CHUNK].into_boxed_slice() }
+        Self { buf: BytesMut::new(), scratch: Vec::new() }
     }
 
     /// Decode a frame already buffered, without reading.
@@ -566,8 +571,20 @@ impl FrameReader {
         }
     }
 
+    /// Like [`FrameReader::fill_fd`] but never blocks: `Ok(None)` when the socket has nothing to read.
+    pub fn try_fill_fd(&mut self, fd: &impl std::os::fd::AsFd) -> Result<Option<usize>> {
+        match crate::buf::recv_nowait_into(fd.as_fd(), &mut self.buf, Self::CHUNK) {
+            Ok(Some(0)) => Err(Error::new(ErrorKind::Closed, "peer closed the connection")),
+            Ok(n) => Ok(n),
+            Err(e) => Err(Error::io("reading from peer", e)),
+        }
+    }
+
     /// Read whatever is available (at least one byte) into the buffer.
     pub fn fill(&mut self, r: &mut impl std::io::Read) -> Result<usize> {
+        if self.scratch.is_empty() {
+            self.scratch = vec![0; Self::SCRATCH];
+        }
         let n = loop {
             match r.read(&mut self.scratch) {
                 Ok(n) => break n,
