@@ -12,6 +12,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -19,6 +20,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use farpool_core::wire::{self, FEATURE_RDMA, FEATURE_SHM, FEATURE_TCP, HelloOk, Msg};
 use farpool_core::{ErrorKind, Result};
+use farpool_cxl::gather::{self, Piece};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
@@ -33,6 +36,8 @@ pub const OUT_HIGH_WATER_BYTES: usize = 2 << 20;
 const READ_CHUNK: usize = 64 * 1024;
 /// Output capacity kept between batches; a larger buffer (after big reads) is released.
 const OUT_KEEP_BYTES: usize = 4 << 20;
+/// READs whose data waits in pool memory for one `writev(2)` at most (two iovecs each, under `IOV_MAX`).
+const MAX_DEFERRED: usize = 256;
 /// Bound on a write that makes no progress.
 pub const WRITE_STALL: Duration = Duration::from_secs(30);
 
@@ -70,8 +75,16 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     let (id, rx) = shared.register_conn();
     let _guard = CountGuard(shared.clone(), id);
     let _ = stream.set_nodelay(true);
-    let mut c =
-        Conn { shared, stream, id, rx, phase, inbuf: BytesMut::with_capacity(READ_CHUNK), out: BytesMut::new() };
+    let mut c = Conn {
+        shared,
+        stream,
+        id,
+        rx,
+        phase,
+        inbuf: BytesMut::with_capacity(READ_CHUNK),
+        out: BytesMut::new(),
+        spare: BytesMut::new(),
+    };
     match c.run().await {
         End::Closed => tracing::debug!(conn = id, %peer, "connection closed"),
         End::MidFrame(n) => tracing::info!(conn = id, %peer, "peer disconnected in the middle of a frame ({n} bytes)"),
@@ -88,6 +101,8 @@ struct Conn {
     phase: watch::Receiver<Phase>,
     inbuf: BytesMut,
     out: BytesMut,
+    /// A second output buffer, swapped with `out` after a vectored write (keeps its capacity).
+    spare: BytesMut,
 }
 
 impl Conn {
@@ -183,20 +198,68 @@ impl Conn {
 
     /// Decode and execute whole frames until none is left or the output is at its high-water mark.
     /// Returns whether frames may remain; `Err` is a protocol violation.
+    ///
+    /// Data operations run under one [`GrantView`](crate::grants::GrantView) per stretch of them; their
+    /// READ data stays in pool memory ([`dataplane::Deferred`]) and is written with the replies in one
+    /// `writev(2)` before the view is dropped, whatever the socket did not take being copied into
+    /// `out` then. A control frame ends the stretch first (it may take the grant table's write lock).
     fn execute_buffered(&mut self, counts: &mut BatchCounts) -> Result<bool, String> {
         let now = self.shared.now_ms();
-        while self.out.len() < OUT_HIGH_WATER_BYTES {
-            match wire::decode(&mut self.inbuf) {
-                Ok(Some(Msg::Op(op))) => dataplane::execute(&self.shared.grants, &op, now, &mut self.out, counts),
-                Ok(Some(m)) => {
+        let shared = self.shared.clone();
+        loop {
+            let view = shared.grants.view();
+            let mut deferred = Vec::new();
+            let stop = loop {
+                if self.out.len() >= OUT_HIGH_WATER_BYTES || deferred.len() >= MAX_DEFERRED {
+                    break Stop::Full;
+                }
+                match wire::decode(&mut self.inbuf) {
+                    Ok(Some(Msg::Op(op))) => {
+                        dataplane::execute_in(&view, &op, now, &mut self.out, counts, Some(&mut deferred));
+                    }
+                    Ok(Some(m)) => break Stop::Control(m),
+                    Ok(None) => break Stop::Drained,
+                    Err(e) => break Stop::Bad(e.message().to_owned()),
+                }
+            };
+            if !deferred.is_empty() {
+                self.write_deferred(&deferred);
+            }
+            drop(view);
+            match stop {
+                Stop::Control(m) => {
                     let reply = self.control(m)?;
                     wire::encode(&reply, &mut self.out);
                 }
-                Ok(None) => return Ok(false),
-                Err(e) => return Err(e.message().to_owned()),
+                Stop::Drained => return Ok(false),
+                Stop::Full => return Ok(true),
+                Stop::Bad(e) => return Err(e),
             }
         }
-        Ok(true)
+    }
+
+    /// Write `out` with the deferred READ data spliced in, with one non-blocking `writev(2)`; leave in
+    /// `out` (copied) whatever the socket did not take. A socket error leaves everything in `out`, for
+    /// `flush` to meet the error again and end the connection.
+    fn write_deferred(&mut self, deferred: &[dataplane::Deferred<'_>]) {
+        let mut pieces = Vec::with_capacity(2 * deferred.len() + 1);
+        let mut prev = 0;
+        for d in deferred {
+            pieces.push(Piece::Bytes(&self.out[prev..d.at]));
+            pieces.push(Piece::Pool(d.span));
+            prev = d.at;
+        }
+        pieces.push(Piece::Bytes(&self.out[prev..]));
+        let fd = self.stream.as_fd();
+        let written = self.stream.try_io(Interest::WRITABLE, || gather::write_pieces(fd, &pieces)).unwrap_or(0);
+        let mut rest = std::mem::take(&mut self.spare);
+        rest.clear();
+        gather::copy_rest(&pieces, written, &mut rest);
+        drop(pieces);
+        self.spare = std::mem::replace(&mut self.out, rest);
+        if self.spare.capacity() > OUT_KEEP_BYTES {
+            self.spare = BytesMut::new();
+        }
     }
 
     /// Answer a control-plane frame.
@@ -251,6 +314,18 @@ impl Conn {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
         End::Protocol(message)
     }
+}
+
+/// Why a stretch of data operations under one grant view ended.
+enum Stop {
+    /// No whole frame left in the input.
+    Drained,
+    /// Output at its high-water mark, or [`MAX_DEFERRED`] READs deferred.
+    Full,
+    /// A control-plane frame, to answer outside the view.
+    Control(Msg),
+    /// A protocol violation.
+    Bad(String),
 }
 
 /// Read what is available (at least one byte). EOF is `Closed` or `MidFrame`.

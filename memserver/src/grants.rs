@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use farpool_core::{Epoch, ErrorKind, LeaseId, RemoteAddr, Result, SlabId, Token};
 use farpool_cxl::Region;
-use parking_lot::RwLock;
+use parking_lot::{RwLock, RwLockReadGuard};
 
 /// Where a granted slab's bytes live: `len` bytes at `offset` of `region`.
 #[derive(Clone, Debug)]
@@ -128,7 +128,41 @@ impl GrantTable {
         now_ms: u64,
         f: impl FnOnce(&SlabMem, u64) -> R,
     ) -> Result<R, Denied> {
-        let slots = self.slots.read();
+        self.view().with_access(addr, len, atomic, now_ms, f)
+    }
+
+    /// Hold the read lock for several operations (a batch of one connection): no grant can be removed,
+    /// and so no slab zeroed or handed to another tenant, until the view is dropped. Keep it short and
+    /// never across an `.await`; never take the write lock (a control-plane call) while holding it.
+    pub fn view(&self) -> GrantView<'_> {
+        GrantView { slots: self.slots.read() }
+    }
+}
+
+/// The grant table under its read lock; see [`GrantTable::view`].
+pub struct GrantView<'t> {
+    slots: RwLockReadGuard<'t, Vec<Slot>>,
+}
+
+impl std::fmt::Debug for GrantView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrantView").field("slots", &self.slots.len()).finish()
+    }
+}
+
+impl GrantView<'_> {
+    /// [`GrantTable::with_access`] under this view's lock; `f` may keep borrowing the slab memory for as
+    /// long as the view lives (e.g. a [`farpool_cxl::gather::Span`] for a vectored write).
+    #[inline]
+    pub fn with_access<'v, R>(
+        &'v self,
+        addr: &RemoteAddr,
+        len: u64,
+        atomic: bool,
+        now_ms: u64,
+        f: impl FnOnce(&'v SlabMem, u64) -> R,
+    ) -> Result<R, Denied> {
+        let slots = &self.slots;
         let Some(slot) = slots.get(addr.slab.0 as usize) else {
             return Err((ErrorKind::Unauthorized, format!("no slab {} on this server", addr.slab)));
         };

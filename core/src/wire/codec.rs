@@ -153,6 +153,21 @@ pub fn encode_op_done_read<E>(
     }
 }
 
+/// Append the head of a successful READ completion whose `len` data bytes the caller sends right after
+/// it, from elsewhere (a vectored write straight from pool memory): the frame's length prefix already
+/// counts them. Together with those bytes it is exactly what [`encode_op_done_read`] produces.
+pub fn encode_op_done_read_head(out: &mut BytesMut, id: u64, len: usize) {
+    let body = 1 + 8 + 1 + 1 + 4 + len;
+    assert!(body <= MAX_FRAME_LEN as usize, "encoded frame of {body} bytes exceeds MAX_FRAME_LEN");
+    out.reserve(4 + body - len);
+    out.put_u32_le(body as u32);
+    out.put_u8(tag::OP_DONE);
+    out.put_u64_le(id);
+    out.put_u8(0);
+    out.put_u8(result_tag::DATA);
+    out.put_u32_le(len as u32);
+}
+
 /// Append one frame holding `msg` to `out`.
 pub fn encode(msg: &Msg, out: &mut BytesMut) {
     if let Msg::Op(op) = msg {

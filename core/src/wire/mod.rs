@@ -13,7 +13,7 @@
 mod codec;
 mod msg;
 
-pub use codec::{FrameReader, decode, encode, encode_op, encode_op_done_read};
+pub use codec::{FrameReader, decode, encode, encode_op, encode_op_done_read, encode_op_done_read_head};
 pub use msg::*;
 
 /// Protocol magic, first field of [`Msg::Hello`]: ASCII `FRPL`.

@@ -179,3 +179,19 @@ fn read_completion_filled_in_place() {
     assert_eq!(m, Msg::OpDone(OpDone { id: 9, result: Ok(OpResult::Data(Bytes::from_static(b"abcd"))) }));
     assert!(buf.is_empty(), "a failed fill leaves nothing behind");
 }
+
+#[test]
+fn read_completion_head_plus_data_equals_the_filled_form() {
+    let mut filled = BytesMut::new();
+    encode_op_done_read::<()>(&mut filled, 77, 5, |d| {
+        d.copy_from_slice(b"hello");
+        Ok(())
+    })
+    .unwrap();
+    let mut split = BytesMut::new();
+    encode_op_done_read_head(&mut split, 77, 5);
+    split.extend_from_slice(b"hello");
+    assert_eq!(filled, split);
+    let m = decode(&mut split).unwrap().unwrap();
+    assert_eq!(m, Msg::OpDone(OpDone { id: 77, result: Ok(OpResult::Data(Bytes::from_static(b"hello"))) }));
+}
