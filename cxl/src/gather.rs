@@ -94,17 +94,7 @@ pub fn write_pieces(fd: BorrowedFd<'_>, pieces: &[Piece<'_>]) -> io::Result<usiz
     if pieces.len() > MAX_PIECES {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} pieces > {MAX_PIECES}", pieces.len())));
     }
-    let iov: Vec<libc::iovec> = pieces
-        .iter()
-        .map(|p| match p {
-            Piece::Bytes(b) => libc::iovec { iov_base: b.as_ptr().cast_mut().cast(), iov_len: b.len() },
-            // SAFETY: `start + len <= region.len()` was checked when the span was made, so the pointer
-            // stays inside (or one past the end of) the live mapping that `span.region` borrows.
-            Piece::Pool(s) => {
-                libc::iovec { iov_base: unsafe { s.region.as_ptr().add(s.start) }.cast(), iov_len: s.len }
-            }
-        })
-        .collect();
+    let iov: Vec<libc::iovec> = pieces.iter().map(iovec_of).collect();
     loop {
         // SAFETY: every iovec describes memory valid for reads for the whole call: caller slices borrowed
         // for `'_`, or checked ranges of mappings borrowed for `'_`. The kernel only reads them, and
@@ -116,6 +106,18 @@ pub fn write_pieces(fd: BorrowedFd<'_>, pieces: &[Piece<'_>]) -> io::Result<usiz
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
+        }
+    }
+}
+
+fn iovec_of(p: &Piece<'_>) -> libc::iovec {
+    match p {
+        Piece::Bytes(b) => libc::iovec { iov_base: b.as_ptr().cast_mut().cast(), iov_len: b.len() },
+        Piece::Pool(s) => {
+            // SAFETY: `start + len <= region.len()` was checked when the span was made, so the pointer
+            // stays inside (or one past the end of) the live mapping that `s.region` borrows.
+            let base = unsafe { s.region.as_ptr().add(s.start) };
+            libc::iovec { iov_base: base.cast(), iov_len: s.len }
         }
     }
 }
