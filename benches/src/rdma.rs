@@ -4,9 +4,14 @@
 //! Setup: a memory server in this process (`farpool_memserver::Server` with `--rdma-device`, or an
 //! external one with `--server`), a `farpool::Pool` forcing the rdma transport, one lease and one data
 //! endpoint: the exact client path (`RdmaTransport` behind `Pool::endpoint`, staged reads, bounds
-//! checks, selective signaling). Latency phases post one operation and busy-poll its completion (depth
-//! 1, as perftest's `_lat` tests); the bandwidth phase keeps `--depth` READs in flight (perftest's
-//! `_bw` default is 128; we use the same `--depth` for both sides).
+//! checks, selective signaling). A staged READ lands by DMA in the endpoint's registered staging ring;
+//! reads of at least 1 KiB complete with that staging span lent as their `Bytes` (zero copy, returned
+//! to the ring when the `Bytes` are dropped), smaller ones with a copy (`farpool_rdma::EndpointConfig::
+//! with_lend_min_bytes`). So the 64 KiB bandwidth phase does no user-space copy of the data, like
+//! perftest, but still goes through the whole client path; each completion's `Bytes` is dropped at
+//! once. Latency phases post one operation and busy-poll its completion (depth 1, as perftest's `_lat`
+//! tests); the bandwidth phase keeps `--depth` READs in flight (perftest's `_bw` default is 128; we use
+//! the same `--depth` for both sides).
 //!
 //! Each round runs perftest's `ib_read_lat` (server and client processes on 127.0.0.1), then ours,
 //! then `ib_read_bw`, then ours, so slow drift of an emulated machine hits both sides alike; the

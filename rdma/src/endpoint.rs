@@ -6,9 +6,18 @@
 //!   queue). A record leaves only when a completion at or after it was polled, or after the queue pair
 //!   was destroyed; it holds its staging span and, for zero-copy ops, an `Arc` of the target
 //!   registration, so no memory the NIC may still touch is freed or reused.
-//! - `ring`: staging space, taken at posting and given back when the record leaves (FIFO).
+//! - `staging`: the registered staging buffer and its ring (`lend.rs`). A span is taken at posting and
+//!   given back when the record leaves, except the span of a staged READ of at least `lend_min_bytes`,
+//!   which is lent to the caller as the completion's `Bytes` (zero copy) and returns when those are
+//!   dropped. Every span of a record in `records` belongs to the current `staging` (it is replaced
+//!   only while `records` is empty).
+//! - `retired`: earlier staging buffers still holding lent spans, at most [`RETIRED_STAGING_MAX`]. A
+//!   caller that keeps lent `Bytes` can block the ring (its tail cannot pass a span still lent); when an
+//!   allocation fails with nothing in flight, the endpoint retires the buffer and registers a fresh one.
+//!   While `RETIRED_STAGING_MAX` are retired it copies instead of lending, so the current buffer cannot
+//!   block: progress never depends on the caller dropping data.
 //! - staging bytes: written by the CPU only for a span not yet posted, read only for a span whose record
-//!   has completed; the NIC touches a span only while its record is in flight.
+//!   has completed (or through a `Lent`); the NIC touches a span only while its record is in flight.
 //! - `ready`: completions produced but not yet handed to the caller (including operations refused at
 //!   posting time: every accepted operation completes exactly once).
 //!
@@ -28,10 +37,11 @@ use sideway::ibverbs::completion::GenericCompletionQueue;
 
 use crate::device::Context;
 use crate::error::OpClass;
-use crate::mr::{Access, LocalBuffer, Registration};
+use crate::lend::Staging;
+use crate::mr::Registration;
 use crate::qp::{Qp, QpParams, create_cq};
 use crate::qp_info::QpInfo;
-use crate::staging::{Ring, SPAN_ALIGN, Span};
+use crate::staging::{SPAN_ALIGN, Span};
 
 /// Where an operation goes on the peer: a virtual address inside a registered region, and its rkey.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -57,7 +67,8 @@ pub struct Op {
 /// What a successful operation produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
-    /// Bytes read into staging, copied out.
+    /// Bytes read into staging: the staging span itself (lent, zero copy) for reads of at least
+    /// `lend_min_bytes`, else a copy.
     Read(Bytes),
     /// A zero-copy read: the bytes are in the caller's registered memory.
     Placed,
@@ -103,6 +114,7 @@ pub struct EndpointConfig {
     pub(crate) op_timeout: Duration,
     pub(crate) spin_polls: u32,
     pub(crate) extended_verbs: bool,
+    pub(crate) lend_min_bytes: usize,
 }
 
 impl Default for EndpointConfig {
@@ -126,6 +138,7 @@ impl EndpointConfig {
             op_timeout: Duration::from_secs(5),
             spin_polls: 2048,
             extended_verbs: true,
+            lend_min_bytes: 1024,
         }
     }
 
@@ -210,6 +223,16 @@ impl EndpointConfig {
     #[must_use]
     pub fn with_extended_verbs(mut self, on: bool) -> Self {
         self.extended_verbs = on;
+        self
+    }
+
+    /// Staged READs of at least this many bytes complete with the staging span itself as their `Bytes`
+    /// (zero copy; the span returns to the staging ring when those `Bytes` are dropped); smaller ones
+    /// are copied out (for a few bytes a copy costs less than the shared bookkeeping). Default 1024;
+    /// `usize::MAX` always copies.
+    #[must_use]
+    pub fn with_lend_min_bytes(mut self, n: usize) -> Self {
+        self.lend_min_bytes = n;
         self
     }
 
@@ -326,8 +349,8 @@ pub struct Endpoint {
     pub(crate) records: VecDeque<Record>,
     pub(crate) ready: VecDeque<RdmaCompletion>,
     pub(crate) sync_done: Option<RdmaCompletion>,
-    pub(crate) staging: LocalBuffer,
-    pub(crate) ring: Ring,
+    pub(crate) staging: Arc<Staging>,
+    pub(crate) retired: Vec<Arc<Staging>>,
     pub(crate) next_seq: u64,
     pub(crate) since_signal: usize,
     pub(crate) state: EndpointState,
@@ -345,6 +368,11 @@ pub struct Endpoint {
 /// Empty polls between two looks at the clock for `op_timeout`: a clock read per poll would slow the
 /// busy loop (and under emulation it is not cheap).
 pub(crate) const WATCH_EVERY: u32 = 256;
+
+/// Retired staging buffers (blocked by lent spans, see the module docs) kept at most; while this many
+/// are still lent from, READs are copied out instead of lent. Bounds the registered memory of one
+/// endpoint to `(1 + RETIRED_STAGING_MAX) * staging_bytes`.
+pub const RETIRED_STAGING_MAX: usize = 2;
 
 impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -366,7 +394,7 @@ impl Endpoint {
         let depth = (cfg.inflight_max as u32 + 1).min(ctx.limits().max_cqe);
         let (cq, _extended) = create_cq(ctx, depth, params.extended)?;
         let qp = Qp::create(ctx, &cq, &params)?;
-        let staging = LocalBuffer::new(ctx, cfg.staging_bytes, Access::LOCAL)?;
+        let staging = Staging::new(ctx, cfg.staging_bytes)?;
         tracing::debug!(qp = ?qp, inline = qp.max_inline, "RDMA endpoint created");
         Ok(Endpoint {
             qp: Some(qp),
@@ -374,8 +402,8 @@ impl Endpoint {
             records: VecDeque::with_capacity(cfg.inflight_max),
             ready: VecDeque::new(),
             sync_done: None,
-            ring: Ring::new(cfg.staging_bytes),
             staging,
+            retired: Vec::new(),
             next_seq: 1,
             since_signal: 0,
             state: EndpointState::Unconnected,
@@ -454,9 +482,11 @@ impl Endpoint {
                 let kind = if rec.overdue { ErrorKind::Timeout } else { ErrorKind::Cancelled };
                 Error::new(kind, format!("RDMA op {} dropped when its queue pair was destroyed", rec.wr_id))
             });
+            if let Local::Staged(span) = rec.local {
+                self.staging.free(span); // the queue pair is gone: the NIC no longer writes it
+            }
             self.deliver(rec, Err(err));
         }
-        self.ring.reset();
         self.since_signal = 0;
         self.watch = None;
         self.empty_polls = 0;
@@ -494,7 +524,7 @@ impl Endpoint {
 
     /// Largest staged operation (the staging buffer size).
     pub fn max_staged(&self) -> usize {
-        self.ring.capacity()
+        self.staging.capacity()
     }
 
     /// Configured operation timeout.

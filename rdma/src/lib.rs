@@ -47,6 +47,8 @@ mod device;
 #[cfg(feature = "rdma")]
 mod endpoint;
 #[cfg(feature = "rdma")]
+mod lend;
+#[cfg(feature = "rdma")]
 mod mr;
 #[cfg(feature = "rdma")]
 mod ops;

@@ -8,9 +8,13 @@ use farpool_core::{Error, ErrorKind, OpKind, Result};
 use sideway::ibverbs::completion::PollCompletionQueueError;
 use sideway::ibverbs::queue_pair::{PostSendGuard, QueuePair, SetInlineData, SetScatterGatherEntry, WorkRequestFlags};
 
-use crate::endpoint::{Endpoint, EndpointState, Kind, Local, Op, Output, Record, Remote, WATCH_EVERY};
+use crate::endpoint::{
+    Endpoint, EndpointState, Kind, Local, Op, Output, RETIRED_STAGING_MAX, Record, Remote, WATCH_EVERY,
+};
 use crate::error::{WcContext, map_wc_status, wc_status};
+use crate::lend::Staging;
 use crate::mr::Registration;
+use crate::staging::Span;
 
 /// Outcome of admitting one operation.
 pub(crate) enum Admit {
@@ -148,10 +152,10 @@ impl Endpoint {
             Some(Error::new(ErrorKind::Unaligned, format!("atomic at {:#x} is not 8-byte aligned", remote.addr)))
         } else if atomic && !self.ctx.limits().atomics {
             Some(Error::new(ErrorKind::Unsupported, format!("{} does not execute remote atomics", self.ctx.name())))
-        } else if len > self.ring.capacity() as u64 {
+        } else if len > self.staging.capacity() as u64 {
             Some(Error::new(
                 ErrorKind::NoSpace,
-                format!("operation of {len} bytes exceeds the staging buffer of {} bytes", self.ring.capacity()),
+                format!("operation of {len} bytes exceeds the staging buffer of {} bytes", self.staging.capacity()),
             ))
         } else {
             None
@@ -162,8 +166,9 @@ impl Endpoint {
         } else if inline {
             Local::Inline
         } else {
-            match self.ring.alloc(len as usize) {
-                Some(span) => {
+            match self.alloc_staged(len as usize) {
+                Err(e) => return self.push_record(wr_id, kind, remote, len as u32, Local::Empty, src, sync, Some(e)),
+                Ok(Some(span)) => {
                     if let Some(d) = data.filter(|_| kind == Kind::Write) {
                         // SAFETY: the span was just allocated inside the staging buffer, is `len` bytes
                         // (>= d.len()) long and is not posted yet, so neither the NIC nor any reference
@@ -174,10 +179,52 @@ impl Endpoint {
                     }
                     Local::Staged(span)
                 }
-                None => return Admit::NoRoom,
+                Ok(None) => return Admit::NoRoom,
             }
         };
         self.push_record(wr_id, kind, remote, len as u32, local, src, sync, refuse)
+    }
+
+    /// A staging span for `len` bytes (`len <= capacity`); `Ok(None)`: wait for completions. When the
+    /// ring has no room although nothing is in flight, lent spans block it: retire the buffer (it lives
+    /// on until they are dropped) and register a fresh one (see the endpoint's module docs).
+    fn alloc_staged(&mut self, len: usize) -> Result<Option<Span>> {
+        if let Some(span) = self.staging.alloc(len) {
+            return Ok(Some(span));
+        }
+        if !self.records.is_empty() {
+            return Ok(None);
+        }
+        self.retired.retain(|s| Arc::strong_count(s) > 1);
+        if self.retired.len() >= RETIRED_STAGING_MAX {
+            // Unreachable by the lending rule (no lending while this many are retired); refuse the
+            // operation rather than wait for the caller to drop data.
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                format!(
+                    "staging buffer held by lent READ data ({} bytes) and {RETIRED_STAGING_MAX} retired buffers",
+                    self.staging.used()
+                ),
+            ));
+        }
+        let fresh = Staging::new(&self.ctx, self.cfg.staging_bytes)?;
+        let old = std::mem::replace(&mut self.staging, fresh);
+        tracing::debug!(
+            held = old.used(),
+            retired = self.retired.len() + 1,
+            "staging blocked by lent READ data: replaced"
+        );
+        self.retired.push(old);
+        Ok(self.staging.alloc(len))
+    }
+
+    /// Whether a completed READ may keep its span (lend) rather than be copied out: not while
+    /// `RETIRED_STAGING_MAX` retired buffers are still lent from.
+    fn may_lend(&mut self) -> bool {
+        if self.retired.len() >= RETIRED_STAGING_MAX {
+            self.retired.retain(|s| Arc::strong_count(s) > 1);
+        }
+        self.retired.len() < RETIRED_STAGING_MAX
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -212,7 +259,7 @@ impl Endpoint {
     }
 
     pub(crate) fn staging_ptr(&self) -> *mut u8 {
-        self.staging.registration().ptr().as_ptr()
+        self.staging.ptr()
     }
 
     /// Build and post the work requests of `records[first..]` as one batch (one doorbell).
@@ -225,7 +272,7 @@ impl Endpoint {
             self.fail_unposted(first, Error::new(ErrorKind::Closed, "endpoint has no queue pair"));
             return;
         };
-        let (slkey, saddr) = (self.staging.registration().lkey(), self.staging.registration().addr());
+        let (slkey, saddr) = (self.staging.lkey(), self.staging.addr());
         let mut guard = qp.qp.start_post_send();
         for (k, rec) in self.records.range(first..).enumerate() {
             self.since_signal += 1;
@@ -331,7 +378,7 @@ impl Endpoint {
         while let Some(mut rec) = pop_front_if(&mut self.records, |r| r.seq <= seq) {
             let result = match rec.failed.take() {
                 Some(e) => Err(e),
-                None if rec.seq < seq || status == wc_status::SUCCESS => Ok(self.output(&rec)),
+                None if rec.seq < seq || status == wc_status::SUCCESS => Ok(self.output(&mut rec)),
                 None => {
                     let ctx = WcContext {
                         op: rec.kind.class(),
@@ -344,7 +391,7 @@ impl Endpoint {
                 }
             };
             if let Local::Staged(span) = rec.local {
-                self.ring.free(span);
+                self.staging.free(span);
             }
             self.deliver(rec, result);
         }
@@ -353,11 +400,16 @@ impl Endpoint {
         }
     }
 
-    /// What a successfully completed record produced.
-    fn output(&self, rec: &Record) -> Output {
+    /// What a successfully completed record produced. A lent READ span moves into the output (the
+    /// record's local becomes `Empty`, so the caller does not free it).
+    fn output(&mut self, rec: &mut Record) -> Output {
         match (&rec.local, rec.kind) {
             (Local::Direct { .. }, Kind::Read) => Output::Placed,
             (_, Kind::Write) => Output::Write,
+            (&Local::Staged(s), Kind::Read) if rec.len as usize >= self.cfg.lend_min_bytes && self.may_lend() => {
+                rec.local = Local::Empty;
+                Output::Read(self.staging.lend(s, rec.len as usize))
+            }
             (Local::Staged(s), Kind::Read) => {
                 // SAFETY: the record completed, so the NIC is done with its span, which lies inside the
                 // staging buffer and is still reserved (freed after this copy).
@@ -377,7 +429,7 @@ impl Endpoint {
     fn finish_unposted_front(&mut self) {
         while let Some(mut rec) = pop_front_if(&mut self.records, |r| r.failed.is_some()) {
             if let Local::Staged(span) = rec.local {
-                self.ring.free(span);
+                self.staging.free(span);
             }
             let err = rec.failed.take().unwrap_or_else(|| Error::new(ErrorKind::Internal, "unposted record"));
             self.deliver(rec, Err(err));
