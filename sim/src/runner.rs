@@ -30,6 +30,8 @@ const SLOTS_PER_SLAB: u64 = 16;
 const SLABS_PER_SERVER: usize = 8;
 /// Slabs the tier may hold (fewer than the pages need: it must evict and reject).
 const TIER_SLABS: u64 = 10;
+/// Bound on the tier's put queue in a run (each queued put holds one 4 KiB page: 16 MiB at most).
+const PUT_QUEUE_MAX: usize = 4096;
 /// Bound of every wait for the tier after the workload.
 const SETTLE_MAX: Duration = Duration::from_secs(10);
 
@@ -183,7 +185,10 @@ fn run_inner(cfg: &RunConfig) -> Result<RunReport, Inner> {
     let tier = PageTier::builder(Arc::new(cluster.clone()))
         .with_page_size(ps)
         .with_capacity_bytes(2 * slab_bytes, TIER_SLABS * slab_bytes)
-        .with_queue_depth(48)
+        // Deep enough for every put of a run: on a loaded machine starved writer threads would otherwise
+        // drop puts on a full queue (by design: far memory is a cache) until the tier never fills and the
+        // run exercises no eviction. Queue-full drops have their own tier test.
+        .with_queue_depth(usize::try_from(cfg.ops).unwrap_or(usize::MAX).clamp(48, PUT_QUEUE_MAX))
         .with_batch_max(8)
         .with_write_linger(Duration::from_micros(50))
         .build()
