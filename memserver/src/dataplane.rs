@@ -117,16 +117,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn ops_execute_and_errors_are_completions() {
-        let region = Arc::new(Backing::Anon.map(1 << 16, "t").unwrap());
+    /// A table granting slab 0 (all of `region`, 64 KiB) to lease 1, and an address at offset 0 of it.
+    fn one_grant(region: Arc<farpool_cxl::Region>) -> (GrantTable, RemoteAddr) {
         let t = GrantTable::default();
         t.ensure_len(1);
         let mem = SlabMem { region, offset: 0, len: 1 << 16 };
         let clock = Arc::new(LeaseClock::new(u64::MAX));
         t.insert(SlabId(0), Grant { lease: LeaseId(1), epoch: Epoch(1), token: Token(9), mem, clock });
         let cred = Credential { lease: LeaseId(1), epoch: Epoch(1), token: Token(9), rkey: 0, base_addr: 0 };
-        let a = RemoteAddr { slab: SlabId(0), offset: 64, cred };
+        (t, RemoteAddr { slab: SlabId(0), offset: 0, cred })
+    }
+
+    #[test]
+    fn ops_execute_and_errors_are_completions() {
+        let (t, a) = one_grant(Arc::new(Backing::Anon.map(1 << 16, "t").unwrap()));
+        let a = a.offset_by(64);
         let mut c = BatchCounts::default();
         assert_eq!(
             run(&t, WireOp::Write { data: Bytes::from_static(b"abcdefgh") }, a, &mut c).result,
@@ -156,13 +161,7 @@ mod tests {
         let region = Arc::new(Backing::Anon.map(1 << 16, "t").unwrap());
         let pattern: Vec<u8> = (0..(1usize << 16)).map(|i| (i % 249) as u8).collect();
         region.write_at(0, &pattern).unwrap();
-        let t = GrantTable::default();
-        t.ensure_len(1);
-        let mem = SlabMem { region, offset: 0, len: 1 << 16 };
-        let clock = Arc::new(LeaseClock::new(u64::MAX));
-        t.insert(SlabId(0), Grant { lease: LeaseId(1), epoch: Epoch(1), token: Token(9), mem, clock });
-        let cred = Credential { lease: LeaseId(1), epoch: Epoch(1), token: Token(9), rkey: 0, base_addr: 0 };
-        let a = RemoteAddr { slab: SlabId(0), offset: 0, cred };
+        let (t, a) = one_grant(region);
         let ops = [
             (a.offset_by(100), ZERO_COPY_MIN_BYTES as u32),
             (a, 64),
