@@ -130,7 +130,10 @@ impl Shared {
             outbox.push((owner, Msg::RevokeNotice { lease, slabs, grace_ms }));
         }
         let now = self.now_ms();
-        ctl.pending.push(PendingRevoke { deadline_ms: now.saturating_add(grace_ms), slabs: victims.to_vec() });
+        // `now_ms` is rounded down: up to 1 ms has already passed, so the first whole millisecond at or after
+        // `now + grace` is `now + grace + 1` (a revocation never comes before the full grace).
+        let deadline_ms = now.saturating_add(grace_ms).saturating_add(u64::from(grace_ms > 0));
+        ctl.pending.push(PendingRevoke { deadline_ms, slabs: victims.to_vec() });
         if grace_ms == 0 {
             self.run_due_revocations(ctl, now, outbox);
         }

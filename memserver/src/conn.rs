@@ -223,6 +223,8 @@ impl Conn {
                 }
             };
             if !deferred.is_empty() {
+                // Count the batch before its replies leave: a client that got them sees them in the stats.
+                self.shared.counters.flush(counts);
                 self.write_deferred(&deferred);
             }
             drop(view);
