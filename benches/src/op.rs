@@ -56,19 +56,31 @@ pub fn size_arg(s: &str) -> std::result::Result<u64, String> {
     farpool_core::size::parse_bytes(s).map_err(|e| e.to_string())
 }
 
-/// Set `stream`'s read timeout to `timeout` (at least 1 ms) unless `cache` says it already is: one
-/// `setsockopt` per change, not one per poll.
-pub fn set_read_timeout_cached(
+/// One read of a baseline's reply bytes into `buf` (at least `chunk` bytes of room), as farpool's client
+/// reads: straight into the spare capacity, no bounce copy. A zero `timeout` never blocks; otherwise the
+/// read waits up to `timeout` (at least 1 ms; `cache` holds the socket's current timeout so that it is set
+/// once per change, not once per read). `Ok(None)`: the wait ran out; `Ok(Some(0))`: end of stream.
+pub fn read_some(
     stream: &std::net::TcpStream,
     cache: &mut Option<std::time::Duration>,
     timeout: std::time::Duration,
-) -> std::io::Result<()> {
+    buf: &mut bytes::BytesMut,
+    chunk: usize,
+) -> std::io::Result<Option<usize>> {
+    use std::os::fd::AsFd;
+    if timeout.is_zero() {
+        return farpool_core::buf::recv_nowait_into(stream.as_fd(), buf, chunk);
+    }
     let t = Some(timeout.max(std::time::Duration::from_millis(1)));
     if *cache != t {
         stream.set_read_timeout(t)?;
         *cache = t;
     }
-    Ok(())
+    match farpool_core::buf::read_fd_into(stream.as_fd(), buf, chunk) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Parse a comma-separated size list (`8,64,512,4K,8K,64K,1M`): sorted, deduplicated, each 1..=1 MiB.

@@ -11,17 +11,20 @@
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use nix::sys::socket::MsgFlags;
+use bytes::BytesMut;
 
 use crate::driver::Endpoint;
 use crate::op::BenchOp;
+
+/// Bytes asked of the socket per read of a ping-pong connection.
+const READ_CHUNK: usize = 256 * 1024;
 
 /// Largest request payload or response the echo server accepts: 1 MiB + 4 KiB.
 pub const MAX_MSG_LEN: usize = (1 << 20) + 4096;
@@ -160,7 +163,7 @@ pub struct PingPongEndpoint {
     batch: Vec<u8>,
     resp_len: usize,
     partial: usize,
-    scratch: Vec<u8>,
+    rbuf: BytesMut,
     read_timeout: Option<Duration>,
 }
 
@@ -184,7 +187,7 @@ impl PingPongEndpoint {
             batch: Vec::new(),
             resp_len,
             partial: 0,
-            scratch: vec![0; 256 * 1024],
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
             read_timeout: None,
         })
     }
@@ -203,25 +206,13 @@ impl Endpoint for PingPongEndpoint {
     }
 
     fn reap(&mut self, timeout: Duration) -> Result<usize> {
-        let nowait = timeout.is_zero();
-        if !nowait {
-            crate::op::set_read_timeout_cached(&self.stream, &mut self.read_timeout, timeout)?;
-        }
         loop {
-            let got = if nowait {
-                nix::sys::socket::recv(self.stream.as_raw_fd(), &mut self.scratch, MsgFlags::MSG_DONTWAIT)
-                    .map_err(std::io::Error::from)
-            } else {
-                self.stream.read(&mut self.scratch)
-            };
-            let n = match got {
-                Ok(0) => bail!("ping-pong server closed the connection"),
-                Ok(n) => n,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                    return Ok(0);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e).context("ping-pong receive"),
+            self.rbuf.clear(); // only the byte count matters
+            let read = crate::op::read_some(&self.stream, &mut self.read_timeout, timeout, &mut self.rbuf, READ_CHUNK);
+            let n = match read.context("ping-pong receive")? {
+                Some(0) => bail!("ping-pong server closed the connection"),
+                Some(n) => n,
+                None => return Ok(0),
             };
             self.partial += n;
             let k = self.partial / self.resp_len;

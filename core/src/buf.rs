@@ -17,6 +17,22 @@ use bytes::buf::UninitSlice;
 /// `read(2)` from `fd` into the spare capacity of `buf` (at least `want` bytes are reserved first);
 /// returns the number of bytes read (0 at end of stream). Retries on `EINTR`.
 pub fn read_fd_into(fd: BorrowedFd<'_>, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
+    fill_spare(fd, buf, want, false)
+}
+
+/// `recv(2)` with `MSG_DONTWAIT` from socket `fd` into the spare capacity of `buf` (at least `want` bytes
+/// reserved first): never blocks. Returns `Ok(None)` when nothing is available, `Ok(Some(0))` at end of
+/// stream. Retries on `EINTR`.
+pub fn recv_nowait_into(fd: BorrowedFd<'_>, buf: &mut BytesMut, want: usize) -> io::Result<Option<usize>> {
+    match fill_spare(fd, buf, want, true) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The body of both: `read(2)`, or `recv(2)` with `MSG_DONTWAIT` when `nowait`, into the spare capacity.
+fn fill_spare(fd: BorrowedFd<'_>, buf: &mut BytesMut, want: usize, nowait: bool) -> io::Result<usize> {
     buf.reserve(want);
     let spare = buf.chunk_mut();
     let len = spare.len();
@@ -24,7 +40,13 @@ pub fn read_fd_into(fd: BorrowedFd<'_>, buf: &mut BytesMut, want: usize) -> io::
     loop {
         // SAFETY: `ptr..ptr+len` is the spare capacity of `buf`, valid for writes and not aliased by
         // any reference; the kernel only writes to it. `fd` is a live borrowed descriptor.
-        let n = unsafe { libc::read(fd.as_raw_fd(), ptr.cast(), len) };
+        let n = unsafe {
+            if nowait {
+                libc::recv(fd.as_raw_fd(), ptr.cast(), len, libc::MSG_DONTWAIT)
+            } else {
+                libc::read(fd.as_raw_fd(), ptr.cast(), len)
+            }
+        };
         if n >= 0 {
             let n = n as usize;
             assert!(n <= len);
@@ -35,34 +57,6 @@ pub fn read_fd_into(fd: BorrowedFd<'_>, buf: &mut BytesMut, want: usize) -> io::
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
-        }
-    }
-}
-
-/// `recv(2)` with `MSG_DONTWAIT` from socket `fd` into the spare capacity of `buf` (at least `want` bytes
-/// reserved first): never blocks. Returns `Ok(None)` when nothing is available, `Ok(Some(0))` at end of
-/// stream. Retries on `EINTR`.
-pub fn recv_nowait_into(fd: BorrowedFd<'_>, buf: &mut BytesMut, want: usize) -> io::Result<Option<usize>> {
-    buf.reserve(want);
-    let spare = buf.chunk_mut();
-    let len = spare.len();
-    let ptr = spare.as_mut_ptr();
-    loop {
-        // SAFETY: as in `read_fd_into`: `ptr..ptr+len` is the unaliased spare capacity of `buf`, which the
-        // kernel only writes; `fd` is a live borrowed descriptor.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), ptr.cast(), len, libc::MSG_DONTWAIT) };
-        if n >= 0 {
-            let n = n as usize;
-            assert!(n <= len);
-            // SAFETY: the kernel initialized exactly `n` bytes of the spare capacity.
-            unsafe { buf.advance_mut(n) };
-            return Ok(Some(n));
-        }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => return Ok(None),
-            _ => return Err(e),
         }
     }
 }

@@ -258,10 +258,6 @@ impl Endpoint for RedisEndpoint {
     }
 
     fn reap(&mut self, timeout: Duration) -> Result<usize> {
-        let nowait = timeout.is_zero();
-        if !nowait {
-            crate::op::set_read_timeout_cached(&self.stream, &mut self.read_timeout, timeout)?;
-        }
         loop {
             let mut k = 0;
             while let Some(r) = parse_reply(&mut self.rbuf)? {
@@ -271,22 +267,11 @@ impl Endpoint for RedisEndpoint {
             if k > 0 {
                 return Ok(k);
             }
-            // Straight into the buffer's spare capacity, as farpool's client does (no bounce copy).
-            let fd = self.stream.as_fd();
-            let r = if nowait {
-                farpool_core::buf::recv_nowait_into(fd, &mut self.rbuf, READ_CHUNK)
-            } else {
-                farpool_core::buf::read_fd_into(fd, &mut self.rbuf, READ_CHUNK).map(Some)
-            };
-            match r {
-                Ok(Some(0)) => bail!("redis closed the connection"),
-                Ok(Some(_)) => {}
-                Ok(None) => return Ok(0),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                    return Ok(0);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e).context("redis receive"),
+            let read = crate::op::read_some(&self.stream, &mut self.read_timeout, timeout, &mut self.rbuf, READ_CHUNK);
+            match read.context("redis receive")? {
+                Some(0) => bail!("redis closed the connection"),
+                Some(_) => {}
+                None => return Ok(0),
             }
         }
     }

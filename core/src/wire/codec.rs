@@ -134,23 +134,9 @@ pub fn encode_op_done_read<E>(
     len: usize,
     fill: impl FnOnce(&mut UninitSlice) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E> {
-    out.reserve(4 + 1 + 8 + 1 + 1 + 4 + len);
-    let at = start_frame(out);
-    out.put_u8(tag::OP_DONE);
-    out.put_u64_le(id);
-    out.put_u8(0);
-    out.put_u8(result_tag::DATA);
-    out.put_u32_le(len as u32);
-    match crate::buf::put_filled(out, len, fill) {
-        Ok(()) => {
-            finish_frame(out, at);
-            Ok(())
-        }
-        Err(e) => {
-            out.truncate(at);
-            Err(e)
-        }
-    }
+    let at = out.len();
+    encode_op_done_read_head(out, id, len);
+    crate::buf::put_filled(out, len, fill).inspect_err(|_| out.truncate(at))
 }
 
 /// Append the head of a successful READ completion whose `len` data bytes the caller sends right after
