@@ -62,8 +62,14 @@ impl ShmClient {
     pub fn attach(&mut self, grant: &SlabGrant) -> Result<ShmMapping> {
         let id =
             GrantId { lease: grant.cred.lease, slab: grant.slab, epoch: grant.cred.epoch, token: grant.cred.token };
-        self.stream.write_all(&proto::encode_req(&id)).map_err(|e| Error::io("sending shm attach", e))?;
-        let (hdr, fd) = self.recv_header()?;
+        let sent = self.stream.write_all(&proto::encode_req(&id));
+        // A server at its connection bound answers at once and closes, so our request may meet a closed
+        // socket: its refusal, already on the way, is the error to report, not the failed write.
+        let (hdr, fd) = match (sent, self.recv_header()) {
+            (_, Ok(reply)) => reply,
+            (Err(e), Err(_)) => return Err(Error::io("sending shm attach", e)),
+            (Ok(()), Err(e)) => return Err(e),
+        };
         let mut msg = vec![0u8; hdr.msg_len];
         self.stream.read_exact(&mut msg).map_err(|e| Error::io("reading shm reply", e))?;
         if let Some(kind) = hdr.error {
