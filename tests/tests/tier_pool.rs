@@ -91,9 +91,14 @@ fn round_trips_and_versions_across_threads() -> Result<()> {
             std::thread::spawn(move || {
                 let mut buf = vec![0; PS];
                 let mine = k * PAGES..(k + 1) * PAGES;
+                // Pages whose last put was dropped (the write-behind queue was full: the writers fell
+                // behind, which a loaded machine can cause); such a page is legitimately absent.
+                let mut dropped = Vec::new();
                 for round in 1..=4u64 {
                     for p in mine.clone() {
-                        t.put(p, round, &content(p, round));
+                        if t.put(p, round, &content(p, round)) == PutStatus::Dropped && round == 4 {
+                            dropped.push(p);
+                        }
                     }
                     for p in mine.clone() {
                         // Our own page: never older than the version just put.
@@ -115,23 +120,31 @@ fn round_trips_and_versions_across_threads() -> Result<()> {
                         }
                     }
                 }
+                dropped
             })
         })
         .collect();
-    within(BOUND, move || handles.into_iter().for_each(|h| h.join().expect("worker")))?;
+    let dropped: Vec<u64> =
+        within(BOUND, move || handles.into_iter().flat_map(|h| h.join().expect("worker")).collect())?;
     t.flush(FLUSH)?;
     ensure!(wrong.load(Ordering::Relaxed) == 0, "wrong or stale data served");
     ensure!(hits.load(Ordering::Relaxed) > THREADS * PAGES, "own pages should mostly hit");
-    // After the writes settle, every page is there at its last version, batched across both servers.
+    // After the writes settle, every page is there at its last version (unless that put was dropped),
+    // batched across both servers.
     let reqs: Vec<(u64, u64)> = (0..THREADS * PAGES).map(|p| (p, 4)).collect();
     let mut out = vec![0; reqs.len() * PS];
     let res = t.get_many(&reqs, &mut out);
     for (i, r) in res.iter().enumerate() {
-        ensure!(*r == Lookup::Hit { version: 4 }, "page {i}: {r:?}");
+        if *r == Lookup::Miss(MissReason::Absent) && dropped.contains(&(i as u64)) {
+            continue;
+        }
+        ensure!(*r == Lookup::Hit { version: 4 }, "page {i}: {r:?} {:?}", t.stats());
         ensure!(out[i * PS..(i + 1) * PS] == content(i as u64, 4)[..], "page {i}: wrong bytes");
     }
+    eprintln!("{} of the last {} puts were dropped on a full queue", dropped.len(), THREADS * PAGES);
     let mut buf = vec![0; PS];
-    ensure!(t.get(0, 5, &mut buf) == Lookup::Miss(MissReason::Stale), "a newer minimum than held is stale");
+    let held = (0..THREADS * PAGES).find(|p| !dropped.contains(p)).expect("some last put was queued");
+    ensure!(t.get(held, 5, &mut buf) == Lookup::Miss(MissReason::Stale), "a newer minimum than held is stale");
     let s = assert_accounted(&t, "threads")?;
     ensure!(s.puts_published >= THREADS * PAGES, "{s:?}");
     ensure!(granted(&pool, 0)? > 0 && granted(&pool, 1)? > 0, "slabs spread over both servers");

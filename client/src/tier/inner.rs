@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use farpool_core::ServerId;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
 use super::arena::{Arena, SlabState, SlotRef};
 use super::backend::{FarBackend, FarSlab};
@@ -44,8 +44,13 @@ pub(crate) struct Inner {
     /// Pages purged with their slab, so their next get is counted with the right reason.
     pub(crate) lost: LostPages,
     pub(crate) shutdown: AtomicBool,
-    /// When the last failed lease happened (growth backs off for `grow_retry`).
-    grow: Mutex<Option<Instant>>,
+    /// Held across each lease call: one lease in flight at a time. A writer that finds no free slot
+    /// while a lease is in flight waits here for it and takes a slot from it, instead of evicting a page
+    /// (or dropping the put) because growth happened to be busy.
+    leasing: Mutex<()>,
+    /// When the last failed lease happened (growth backs off for [`GROW_RETRY`]). Held only briefly, so
+    /// that `put` never waits on a lease in flight.
+    grow_failed: Mutex<Option<Instant>>,
     /// How many times each server was found down: a lease in flight while its server was lost (the
     /// slab was not in the arena yet, so `server_lost` could not mark it) is detected by the change.
     down_counts: Mutex<Vec<(ServerId, u64)>>,
@@ -72,7 +77,8 @@ impl Inner {
             prefetch: Prefetcher::new(&cfg),
             lost: LostPages::default(),
             shutdown: AtomicBool::new(false),
-            grow: Mutex::new(None),
+            leasing: Mutex::new(()),
+            grow_failed: Mutex::new(None),
             down_counts: Mutex::new(Vec::new()),
             cfg,
             backend,
@@ -96,8 +102,11 @@ impl Inner {
     }
 
     fn may_grow(&self) -> bool {
-        let backed_off = matches!(*self.grow.lock(), Some(t) if t.elapsed() < GROW_RETRY);
-        self.arena.leased_bytes() < self.cfg.max_bytes && !backed_off
+        self.arena.leased_bytes() < self.cfg.max_bytes && !self.backed_off()
+    }
+
+    fn backed_off(&self) -> bool {
+        matches!(*self.grow_failed.lock(), Some(t) if t.elapsed() < GROW_RETRY)
     }
 
     pub(crate) fn put(&self, page: u64, version: u64, data: &[u8]) -> PutStatus {
@@ -152,11 +161,22 @@ impl Inner {
     }
 
     /// A free slot or one from a new slab, never an evicted one.
+    ///
+    /// With no free slot and room to grow, this waits for a lease in flight (another writer's, or the
+    /// maintenance thread's) and takes a slot from what it brought; only if there is still none does it
+    /// lease itself. The wait is bounded by the backend's own lease timeout.
     pub(crate) fn alloc_free_slot(&self) -> Option<SlotRef> {
         if let Some(r) = self.arena.claim_free() {
             return Some(r);
         }
-        if self.try_grow(1) > 0 {
+        if !self.may_grow() {
+            return None;
+        }
+        let leasing = self.leasing.lock();
+        if let Some(r) = self.arena.claim_free() {
+            return Some(r);
+        }
+        if self.grow_locked(&leasing, 1, 0) > 0 {
             return self.arena.claim_free();
         }
         None
@@ -185,9 +205,15 @@ impl Inner {
     }
 
     /// Lease up to `slabs` more slabs within the maximum (plus `allowance_bytes`); returns how many.
+    /// Waits for a lease already in flight first.
     pub(crate) fn try_grow_with(&self, slabs: usize, allowance_bytes: u64) -> usize {
-        let Some(mut last_fail) = self.grow.try_lock() else { return 0 };
-        if matches!(*last_fail, Some(t) if t.elapsed() < GROW_RETRY) {
+        let leasing = self.leasing.lock();
+        self.grow_locked(&leasing, slabs, allowance_bytes)
+    }
+
+    /// [`try_grow_with`](Self::try_grow_with) under the lease lock (the guard proves it is held).
+    fn grow_locked(&self, _leasing: &MutexGuard<'_, ()>, slabs: usize, allowance_bytes: u64) -> usize {
+        if self.backed_off() {
             return 0;
         }
         let limit = self.cfg.max_bytes + allowance_bytes;
@@ -209,14 +235,11 @@ impl Inner {
                     }
                 }
             }
-            Ok(_) => *last_fail = Some(Instant::now()),
-            Err(e) => {
-                tracing::debug!(error = %e, "page tier: lease refused");
-                *last_fail = Some(Instant::now());
-            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "page tier: lease refused"),
         }
         if added == 0 {
-            *last_fail = Some(Instant::now());
+            *self.grow_failed.lock() = Some(Instant::now());
         }
         Counters::add(&self.stats.slabs_leased, added as u64);
         added

@@ -50,6 +50,8 @@ pub struct MemBackend {
     faults: Mutex<Option<(FaultConfig, u64)>>,
     endpoint_seq: AtomicU64,
     reverse: AtomicBool,
+    /// Every lease call takes this long (a remote control round trip, in tests).
+    lease_delay: Mutex<Duration>,
 }
 
 impl MemBackend {
@@ -78,6 +80,7 @@ impl MemBackend {
             faults: Mutex::new(None),
             endpoint_seq: AtomicU64::new(0),
             reverse: AtomicBool::new(false),
+            lease_delay: Mutex::new(Duration::ZERO),
         }
     }
 
@@ -89,6 +92,11 @@ impl MemBackend {
     /// Complete each posted batch in reverse order (the last operation first).
     pub fn set_reverse_completions(&self, on: bool) {
         self.reverse.store(on, Ordering::Release);
+    }
+
+    /// Make every lease call take `delay` (as a control round trip to a remote server does).
+    pub fn set_lease_delay(&self, delay: Duration) {
+        *self.lease_delay.lock() = delay;
     }
 
     /// Ids of the servers.
@@ -183,6 +191,10 @@ impl MemBackend {
 
 impl FarBackend for MemBackend {
     fn lease(&self, slabs: usize) -> Result<Vec<FarSlab>> {
+        let delay = *self.lease_delay.lock();
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
         let mut out = Vec::new();
         let n = self.servers.len() as u64;
         // One lease id per call: a slab is granted at most once per call, so (slab, lease) names a grant.

@@ -168,6 +168,36 @@ fn queued_pages_are_served_and_grows_up_to_max_only() {
 }
 
 #[test]
+fn puts_wait_for_a_lease_in_flight_instead_of_evicting_or_dropping() {
+    // Leases are slow and four writers race for slots in an empty tier: the writer that finds no free
+    // slot while another's lease is in flight waits for it, rather than evicting a page just written or
+    // dropping its put because growth was busy.
+    let slab = 16 * super::layout::slot_size(PS) as u64;
+    let b = Arc::new(MemBackend::new(2, 8, slab));
+    b.set_lease_delay(Duration::from_millis(30));
+    let t = PageTier::builder(b.clone())
+        .with_page_size(PS)
+        .with_capacity_bytes(0, 8 * slab)
+        .with_writer_threads(4)
+        .with_batch_max(4)
+        .with_write_linger(Duration::ZERO)
+        .build()
+        .unwrap();
+    for p in 0..100 {
+        assert_eq!(t.put(p, 1, &content(p, 1)), PutStatus::Queued);
+    }
+    t.flush(FLUSH).unwrap();
+    let s = t.stats();
+    assert_eq!((s.evictions, s.puts_dropped, s.puts_published), (0, 0, 100), "{s:?}");
+    let mut buf = vec![0; PS];
+    for p in 0..100 {
+        assert_eq!(t.get(p, 1, &mut buf), Lookup::Hit { version: 1 }, "page {p}");
+        assert_eq!(buf, content(p, 1));
+    }
+    assert_no_leak(&t, "slow leases");
+}
+
+#[test]
 fn prefetch_explicit_and_scan_detected() {
     let b = Arc::new(MemBackend::new(1, 4, 1 << 20));
     let t = tier(&b, 4 << 20);
