@@ -107,11 +107,37 @@ fn wait_child(child: &mut Child, timeout: Duration) -> Result<Option<std::proces
 }
 
 /// A running `farpool-memserver` child process. Killed (SIGKILL) and reaped on drop.
+///
+/// Unless its flags choose otherwise (`--shm-socket`, `--no-shm`), its shm socket lives in a directory
+/// of its own, removed on drop: a server killed with SIGKILL cannot remove its socket, and the default
+/// path (`/tmp/farpool-<port>.sock`) would leave one behind per killed server.
 #[derive(Debug)]
 pub struct MemServer {
     child: Child,
     addr: SocketAddr,
     log: Arc<Mutex<VecDeque<String>>>,
+    /// Dropped after `child` (field order): the directory goes once the server is dead.
+    _sock_dir: Option<SockDir>,
+}
+
+/// A directory of its own for one server's shm socket, removed on drop.
+#[derive(Debug)]
+struct SockDir(PathBuf);
+
+impl SockDir {
+    fn new() -> Result<Self> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("farpool-test-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for SockDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn parse_addr(line: &str) -> Option<SocketAddr> {
@@ -165,8 +191,16 @@ impl MemServer {
     /// Start a server with exactly these flags (must include `--listen 127.0.0.1:0` or a port).
     pub fn start_raw(args: &[&str]) -> Result<Self> {
         let bin = memserver_binary()?;
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let sock_dir = if args.iter().any(|a| a == "--shm-socket" || a == "--no-shm") {
+            None
+        } else {
+            let dir = SockDir::new()?;
+            args.extend(["--shm-socket".to_string(), dir.0.join("shm.sock").to_string_lossy().into_owned()]);
+            Some(dir)
+        };
         let mut child = Command::new(&bin)
-            .args(args)
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -194,7 +228,7 @@ impl MemServer {
                 );
             }
         };
-        Ok(Self { child, addr, log })
+        Ok(Self { child, addr, log, _sock_dir: sock_dir })
     }
 
     fn render(log: &Mutex<VecDeque<String>>) -> String {
