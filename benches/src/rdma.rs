@@ -251,6 +251,7 @@ fn latency(ep: &mut Endpoint, lease: &Lease, op: &str, size: u64, iters: u64) ->
     // As perftest does: one timestamp per iteration, taken before the post; a sample is the distance
     // between two consecutive stamps (the whole post + poll loop, one clock read per operation).
     let mut last: Option<Instant> = None;
+    let kind = op_of(op, size);
     for i in 0..=warmup + iters {
         let now = Instant::now();
         if let Some(prev) = last.filter(|_| i > warmup) {
@@ -260,7 +261,7 @@ fn latency(ep: &mut Endpoint, lease: &Lease, op: &str, size: u64, iters: u64) ->
         if i == warmup + iters {
             break;
         }
-        batch.push(WorkRequest { wr_id: i, addr, op: op_of(op, size) });
+        batch.push(WorkRequest { wr_id: i, addr, op: kind.clone() });
         ensure!(t.post(&mut batch)? == 1, "post refused the operation");
         reap(t, &mut done, 1)?;
     }

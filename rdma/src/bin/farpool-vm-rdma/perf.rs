@@ -86,12 +86,19 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
     let mut buf = LocalBuffer::new(ctx, size.max(8) as usize, Access::LOCAL)?;
     let at = Remote { addr: r.addr, rkey: r.rkey };
     let warmup = (iters / 10).clamp(10, 1000);
-    let mut samples = Vec::with_capacity(iters);
-    let mut post_samples = Vec::with_capacity(iters);
+    // As perftest does: one clock read per iteration, before the post; a sample is the distance between
+    // two consecutive reads (the whole post + wait loop), kept as integer nanoseconds until the end.
+    let mut stamps_ns: Vec<u64> = Vec::with_capacity(iters + 1);
     let mut ops = Vec::with_capacity(1);
     let mut done = Vec::with_capacity(1);
-    for i in 0..warmup + iters {
-        let t0 = Instant::now();
+    let origin = Instant::now();
+    for i in 0..=warmup + iters {
+        if i >= warmup {
+            stamps_ns.push(origin.elapsed().as_nanos() as u64);
+        }
+        if i == warmup + iters {
+            break;
+        }
         match op {
             PerfOp::Read => c.ep.read_into(&mut buf, 0, size, at)?,
             PerfOp::ReadDirect => {
@@ -99,9 +106,6 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
                 ops.push(DirectOp { wr_id: i as u64, dir: Direction::Read, local, offset: 0, len: size, remote: at });
                 // SAFETY: `buf` is not touched by the CPU until the completion below has been polled.
                 unsafe { c.ep.post_direct(&mut ops)? };
-                if i >= warmup {
-                    post_samples.push(t0.elapsed().as_secs_f64() * 1e6);
-                }
                 while c.ep.poll_completions(&mut done, 1, Duration::from_secs(5))? == 0 {}
                 done.pop().map(|d| d.result).transpose()?;
             }
@@ -109,15 +113,9 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
             PerfOp::FetchAdd => drop(c.ep.fetch_add(at, 1)?),
             PerfOp::CompareSwap => drop(c.ep.compare_swap(at, 0, 0)?),
         }
-        if i >= warmup {
-            samples.push(t0.elapsed().as_secs_f64() * 1e6);
-        }
     }
+    let mut samples: Vec<f64> = stamps_ns.windows(2).map(|w| (w[1] - w[0]) as f64 / 1e3).collect();
     samples.sort_by(f64::total_cmp);
-    post_samples.sort_by(f64::total_cmp);
-    if !post_samples.is_empty() {
-        println!("post op={} p50_us={:.2} (time inside post_direct)", op.name(), percentile(&post_samples, 0.5));
-    }
     let mean = samples.iter().sum::<f64>() / samples.len() as f64;
     println!(
         "lat op={} size={size} iters={iters} spin={} verbs={} min_us={:.2} p50_us={:.2} p99_us={:.2} max_us={:.2} mean_us={mean:.2}",
