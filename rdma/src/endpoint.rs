@@ -41,7 +41,6 @@ use crate::lend::Staging;
 use crate::mr::Registration;
 use crate::qp::{Qp, QpParams, create_cq};
 use crate::qp_info::QpInfo;
-use crate::raw::{Completions, PostScratch};
 use crate::staging::{SPAN_ALIGN, Span};
 
 /// Where an operation goes on the peer: a virtual address inside a registered region, and its rkey.
@@ -219,10 +218,8 @@ impl EndpointConfig {
         self
     }
 
-    /// Create the queue pair and completion queue with the extended verbs (`ibv_create_qp_ex`,
-    /// `ibv_create_cq_ex`) when the provider has them, else with the legacy calls. Default true; false
-    /// forces the legacy ones. Either way operations are posted with `ibv_post_send` and reaped with
-    /// `ibv_poll_cq`, one provider call each (see `raw.rs` for why).
+    /// Use the extended verbs API (`ibv_wr_*` posting, `ibv_start_poll` polling) when the provider has
+    /// it, else the legacy `ibv_post_send` / `ibv_poll_cq`. Default true; false forces the legacy API.
     #[must_use]
     pub fn with_extended_verbs(mut self, on: bool) -> Self {
         self.extended_verbs = on;
@@ -362,9 +359,6 @@ pub struct Endpoint {
     pub(crate) cfg: EndpointConfig,
     pub(crate) ctx: Arc<Context>,
     pub(crate) cqes: Vec<(u64, u32, u32)>,
-    /// Reused space of the verbs calls (see [`crate::raw`]).
-    pub(crate) post_scratch: PostScratch,
-    pub(crate) completions: Completions,
     /// `op_timeout` watch: the record at the head of the queue and since when it has been seen there.
     pub(crate) watch: Option<(u64, Instant)>,
     /// Empty CQ polls since the last completion (the watch is checked every `WATCH_EVERY` of them).
@@ -417,8 +411,6 @@ impl Endpoint {
             params,
             ctx: ctx.clone(),
             cqes: Vec::with_capacity(64),
-            post_scratch: PostScratch::with_capacity(cfg.inflight_max.min(256)),
-            completions: Completions::with_capacity(64),
             watch: None,
             empty_polls: 0,
             cfg,

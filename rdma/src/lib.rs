@@ -57,8 +57,6 @@ mod pool;
 #[cfg(feature = "rdma")]
 mod qp;
 #[cfg(feature = "rdma")]
-mod raw;
-#[cfg(feature = "rdma")]
 mod sync;
 #[cfg(feature = "rdma")]
 mod transport;

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use farpool_core::{Error, ErrorKind, OpKind, Result};
-use sideway::ibverbs::completion::CompletionQueue;
-use sideway::ibverbs::queue_pair::QueuePair;
+use sideway::ibverbs::completion::PollCompletionQueueError;
+use sideway::ibverbs::queue_pair::{PostSendGuard, QueuePair, SetInlineData, SetScatterGatherEntry, WorkRequestFlags};
 
 use crate::endpoint::{
     Endpoint, EndpointState, Kind, Local, Op, Output, RETIRED_STAGING_MAX, Record, Remote, WATCH_EVERY,
@@ -14,7 +14,6 @@ use crate::endpoint::{
 use crate::error::{WcContext, map_wc_status, wc_status};
 use crate::lend::Staging;
 use crate::mr::Registration;
-use crate::raw::{RawOp, Wr};
 use crate::staging::Span;
 
 /// Outcome of admitting one operation.
@@ -273,45 +272,43 @@ impl Endpoint {
             self.fail_unposted(first, Error::new(ErrorKind::Closed, "endpoint has no queue pair"));
             return;
         };
-        // SAFETY: the handle is only used for the post below, while `qp` (hence the queue pair) is alive.
-        let raw_qp = unsafe { QueuePair::qp(&qp.qp) }.as_ptr();
         let (slkey, saddr) = (self.staging.lkey(), self.staging.addr());
-        self.post_scratch.clear();
+        let mut guard = qp.qp.start_post_send();
         for (k, rec) in self.records.range(first..).enumerate() {
             self.since_signal += 1;
             let signaled = k + 1 == n || self.since_signal >= self.cfg.signal_every;
             if signaled {
                 self.since_signal = 0;
             }
-            let op = match rec.kind {
-                Kind::Read => RawOp::Read,
-                Kind::Write => RawOp::Write,
-                Kind::Cas { expect, new } => RawOp::Cas { expect, new },
-                Kind::Faa { add } => RawOp::Faa { add },
+            let mut flags = if signaled { WorkRequestFlags::Signaled } else { WorkRequestFlags::none() };
+            if matches!(rec.local, Local::Inline) {
+                // The extended API implies inline for ibv_wr_set_inline_data, but rxe's kernel side
+                // reads the payload from the WQE only when IBV_SEND_INLINE is in the send flags.
+                flags |= WorkRequestFlags::Inline;
+            }
+            let wr = guard.construct_wr(rec.seq, flags);
+            let (rkey, raddr) = (rec.remote.rkey, rec.remote.addr);
+            let h = match rec.kind {
+                Kind::Read => wr.setup_read(rkey, raddr),
+                Kind::Write => wr.setup_write(rkey, raddr),
+                Kind::Cas { expect, new } => wr.setup_atomic_compare_swap(rkey, raddr, expect, new),
+                Kind::Faa { add } => wr.setup_atomic_fetch_add(rkey, raddr, add),
             };
-            let local = match &rec.local {
-                Local::Inline => {
-                    let data = inline_src(rec.src);
-                    (data.as_ptr() as u64, data.len() as u32, 0)
-                }
-                Local::Staged(s) => (saddr + s.offset as u64, rec.len, slkey),
-                Local::Direct { reg, offset } => (reg.addr() + *offset as u64, rec.len, reg.lkey()),
+            match &rec.local {
+                Local::Inline => h.setup_inline_data(inline_src(rec.src)),
+                // SAFETY: the span lies inside the registered staging buffer, which outlives the queue
+                // pair (field order), and is reserved for this record until it completes.
+                Local::Staged(s) => unsafe { h.setup_sge(slkey, saddr + s.offset as u64, rec.len) },
+                // SAFETY: the range was checked against the registration, which the record keeps alive
+                // until completion; the caller of the unsafe zero-copy call keeps the CPU away from it.
+                Local::Direct { reg, offset } => unsafe {
+                    h.setup_sge(reg.lkey(), reg.addr() + *offset as u64, rec.len)
+                },
                 Local::Empty => unreachable!("empty operations complete at admission"),
-            };
-            // rxe's kernel side reads an inline payload from the WQE only with IBV_SEND_INLINE set.
-            let inline = matches!(rec.local, Local::Inline);
-            let wr =
-                Wr { wr_id: rec.seq, op, remote_addr: rec.remote.addr, rkey: rec.remote.rkey, signaled, local, inline };
-            self.post_scratch.push(&wr);
+            }
         }
-        // SAFETY: `raw_qp` is this endpoint's live queue pair. Staged spans lie inside the registered
-        // staging buffer, which outlives the queue pair (field order), and are reserved for their record
-        // until it completes; direct ranges were checked against their registration, which the record
-        // keeps alive until completion (the caller of the unsafe zero-copy call keeps the CPU away from
-        // them); inline data is borrowed from the caller for the duration of this call.
-        if let Err(errno) = unsafe { self.post_scratch.post(raw_qp) } {
-            let err =
-                Error::new(ErrorKind::Io, "ibv_post_send failed").with_source(std::io::Error::from_raw_os_error(errno));
+        if let Err(e) = guard.post() {
+            let err = Error::new(ErrorKind::Io, "ibv_post_send failed").with_source(e);
             tracing::warn!(error = %err, "posting failed; queue pair moved to the error state");
             self.fail_unposted(first, err);
         }
@@ -340,13 +337,19 @@ impl Endpoint {
     /// Poll the completion queue once, finish records, and enforce `op_timeout`.
     pub(crate) fn reap(&mut self) -> Result<usize> {
         self.cqes.clear();
-        // SAFETY: the completion queue is owned by this endpoint and alive for the call.
-        let raw_cq = unsafe { CompletionQueue::cq(&self.cq) }.as_ptr();
-        // SAFETY: as above.
-        if let Err(errno) = unsafe { self.completions.poll(raw_cq, &mut self.cqes) } {
-            return Err(
-                Error::new(ErrorKind::Io, "ibv_poll_cq failed").with_source(std::io::Error::from_raw_os_error(errno))
-            );
+        match self.cq.start_poll() {
+            Ok(poller) => {
+                for wc in poller {
+                    let status = wc.status();
+                    let vendor = if status == wc_status::SUCCESS { 0 } else { wc.vendor_err() };
+                    self.cqes.push((wc.wr_id(), status, vendor));
+                    if self.cqes.len() == self.cqes.capacity() {
+                        break;
+                    }
+                }
+            }
+            Err(PollCompletionQueueError::CompletionQueueEmpty) => {}
+            Err(e) => return Err(Error::new(ErrorKind::Io, "ibv_poll_cq failed").with_source(e)),
         }
         let n = self.cqes.len();
         for i in 0..n {

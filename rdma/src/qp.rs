@@ -26,7 +26,7 @@ pub(crate) struct QpParams {
     pub timeout_exp: u8,
     pub retry_cnt: u8,
     pub rnr_retry: u8,
-    /// Create with the extended verbs API (`ibv_create_qp_ex`, `ibv_create_cq_ex`) first.
+    /// Try the extended verbs API (`ibv_create_qp_ex` / `ibv_wr_*`, `ibv_create_cq_ex`) first.
     pub extended: bool,
 }
 
