@@ -117,27 +117,7 @@ pub struct MemServer {
     addr: SocketAddr,
     log: Arc<Mutex<VecDeque<String>>>,
     /// Dropped after `child` (field order): the directory goes once the server is dead.
-    _sock_dir: Option<SockDir>,
-}
-
-/// A directory of its own for one server's shm socket, removed on drop.
-#[derive(Debug)]
-struct SockDir(PathBuf);
-
-impl SockDir {
-    fn new() -> Result<Self> {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("farpool-test-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for SockDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    _sock_dir: Option<tempfile::TempDir>,
 }
 
 fn parse_addr(line: &str) -> Option<SocketAddr> {
@@ -195,8 +175,9 @@ impl MemServer {
         let sock_dir = if args.iter().any(|a| a == "--shm-socket" || a == "--no-shm") {
             None
         } else {
-            let dir = SockDir::new()?;
-            args.extend(["--shm-socket".to_string(), dir.0.join("shm.sock").to_string_lossy().into_owned()]);
+            let dir =
+                tempfile::Builder::new().prefix("farpool-test-").tempdir().context("creating a socket directory")?;
+            args.extend(["--shm-socket".to_string(), dir.path().join("shm.sock").to_string_lossy().into_owned()]);
             Some(dir)
         };
         let mut child = Command::new(&bin)
