@@ -193,9 +193,7 @@ fn bad_lease_requests_get_errors_and_the_connection_stays() {
 
 #[test]
 fn silent_client_is_closed_after_the_handshake_timeout() {
-    let server = start(config().with_handshake_timeout_ms(100));
-    let mut ctl = Raw::connect(server.local_addr());
-    let g = ctl.lease(1);
+    let (server, _ctl, g) = one_slab(config().with_handshake_timeout_ms(100));
     let mut silent = Raw::connect_bare(server.local_addr());
     expect_protocol_close(&mut silent, "no Hello within 100 ms");
     witness(server.local_addr(), RemoteAddr::in_grant(&g.grants[0], 0));

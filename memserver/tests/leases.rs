@@ -42,9 +42,7 @@ fn expired_lease_denies_access_and_is_reclaimed() {
 
 #[test]
 fn renewal_keeps_a_lease_alive() {
-    let server = start(config().with_lease_ms(300));
-    let mut ctl = Raw::connect(server.local_addr());
-    let g = ctl.lease(1);
+    let (server, mut ctl, g) = one_slab(config().with_lease_ms(300));
     let at = RemoteAddr::in_grant(&g.grants[0], 8);
     let mut t = transport(server.local_addr());
     let start = Instant::now();

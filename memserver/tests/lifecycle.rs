@@ -161,9 +161,7 @@ fn metrics_endpoint_serves_prometheus_text() {
 
 #[test]
 fn many_concurrent_clients_are_all_served() {
-    let server = start(config().with_capacity_bytes(64 << 20));
-    let mut ctl = Raw::connect(server.local_addr());
-    let g = ctl.lease(1);
+    let (server, _ctl, g) = one_slab(config().with_capacity_bytes(64 << 20));
     let base = RemoteAddr::in_grant(&g.grants[0], 0);
     let mut conns: Vec<_> = (0..200).map(|_| transport(server.local_addr())).collect();
     for (i, t) in conns.iter_mut().enumerate() {

@@ -11,9 +11,7 @@ use farpool_core::{Completion, OpKind, OpOutput, RemoteAddr, Transport, WorkRequ
 
 #[test]
 fn atomics_from_many_threads_sum_exactly() {
-    let server = start(config());
-    let mut ctl = Raw::connect(server.local_addr());
-    let g = ctl.lease(1);
+    let (server, _ctl, g) = one_slab(config());
     let counter = RemoteAddr::in_grant(&g.grants[0], 64);
     let lock = RemoteAddr::in_grant(&g.grants[0], 128);
     const THREADS: u64 = 4;
@@ -46,9 +44,7 @@ fn atomics_from_many_threads_sum_exactly() {
 
 #[test]
 fn pipelined_batches_complete_in_order_with_the_right_data() {
-    let server = start(config());
-    let mut ctl = Raw::connect(server.local_addr());
-    let g = ctl.lease(1);
+    let (server, _ctl, g) = one_slab(config());
     let base = RemoteAddr::in_grant(&g.grants[0], 0);
     let mut t = transport(server.local_addr());
     let writes: Vec<WorkRequest> = (0..64u64)
@@ -78,9 +74,7 @@ fn pipelined_batches_complete_in_order_with_the_right_data() {
 /// `poll` with a zero timeout never blocks, and one thread can wait on several endpoints' `wait_fd`.
 #[test]
 fn zero_timeout_poll_never_blocks_and_wait_fds_multiplex_endpoints() {
-    let server = start(config());
-    let mut ctl = Raw::connect(server.local_addr());
-    let g = ctl.lease(1);
+    let (server, _ctl, g) = one_slab(config());
     let base = RemoteAddr::in_grant(&g.grants[0], 0);
     let mut eps: Vec<_> = (0..3).map(|_| transport(server.local_addr())).collect();
     eps[0].write(base, &[5u8; 4096]).unwrap();
@@ -127,9 +121,7 @@ fn zero_timeout_poll_never_blocks_and_wait_fds_multiplex_endpoints() {
 /// Maximal reads in flight push the server's output past its high-water mark: it must write and keep going.
 #[test]
 fn maximal_operations_pass_the_output_high_water_mark() {
-    let server = start(config().with_slab_size_bytes(4 << 20));
-    let mut ctl = Raw::connect(server.local_addr());
-    let g = ctl.lease(1);
+    let (server, _ctl, g) = one_slab(config().with_slab_size_bytes(4 << 20));
     let base = RemoteAddr::in_grant(&g.grants[0], 0);
     let mut t = transport(server.local_addr());
     let pattern: Vec<u8> = (0..(4usize << 20)).map(|i| (i % 251) as u8).collect();
@@ -153,9 +145,7 @@ fn maximal_operations_pass_the_output_high_water_mark() {
 /// run `cargo test -p farpool-memserver --release --test ops -- --nocapture latency` for the figure.
 #[test]
 fn latency_probe_8k_reads() {
-    let server = start(config());
-    let mut ctl = Raw::connect(server.local_addr());
-    let g = ctl.lease(1);
+    let (server, _ctl, g) = one_slab(config());
     let base = RemoteAddr::in_grant(&g.grants[0], 0);
     let mut t = transport(server.local_addr());
     let mut buf = vec![0u8; 8192];
@@ -186,9 +176,7 @@ fn latency_probe_8k_reads() {
 /// 16 connections x 16 reads of 8 KiB in flight; prints the throughput. Bounded: 2,000 batches in all.
 #[test]
 fn throughput_probe_16_connections_pipeline_16() {
-    let server = start(config());
-    let mut ctl = Raw::connect(server.local_addr());
-    let g = ctl.lease(1);
+    let (server, _ctl, g) = one_slab(config());
     let base = RemoteAddr::in_grant(&g.grants[0], 0);
     let addr = server.local_addr();
     let batches = if cfg!(debug_assertions) { 30 } else { 300 };

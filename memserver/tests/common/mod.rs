@@ -12,6 +12,15 @@ use farpool_core::wire::{self, FrameReader, LeaseGrant, Msg};
 use farpool_core::{ErrorKind, RemoteAddr, Transport};
 use farpool_memserver::{Server, ServerConfig, ServerHandle};
 
+/// A server from `cfg`, a raw control connection, and a one-slab lease held on it (keep the `Raw`
+/// alive as long as the lease is used).
+pub fn one_slab(cfg: ServerConfig) -> (ServerHandle, Raw, LeaseGrant) {
+    let server = start(cfg);
+    let mut ctl = Raw::connect(server.local_addr());
+    let g = ctl.lease(1);
+    (server, ctl, g)
+}
+
 /// A small server: 16 slabs of 1 MiB, 2 workers, on 127.0.0.1:0.
 pub fn config() -> ServerConfig {
     ServerConfig::default()
