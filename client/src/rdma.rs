@@ -88,7 +88,7 @@ mod imp {
     use bytes::{Bytes, BytesMut};
     use farpool_core::tcp::{client_handshake, connect_bounded};
     use farpool_core::wire::{self, FrameReader, Msg};
-    use farpool_core::{Completion, Error, ErrorKind, TransportKind, WorkRequest};
+    use farpool_core::{Completion, Error, ErrorKind, OpOutput, RemoteAddr, TransportKind, WorkRequest};
     use farpool_rdma::{Context, DeviceSelector, Endpoint, EndpointConfig, QpExchange, QpInfo, RdmaTransport};
 
     use super::*;
@@ -211,6 +211,20 @@ mod imp {
         }
         fn op_timeout(&self) -> Duration {
             self.t.op_timeout()
+        }
+        // The blocking calls go to the transport's own (its depth-1 path when nothing is in flight),
+        // not to the trait's defaults, which would batch them through `execute`.
+        fn run_one(&mut self, wr: WorkRequest) -> Result<OpOutput> {
+            self.sync();
+            self.t.run_one(wr)
+        }
+        fn read(&mut self, addr: RemoteAddr, buf: &mut [u8]) -> Result<()> {
+            self.sync();
+            self.t.read(addr, buf)
+        }
+        fn write(&mut self, addr: RemoteAddr, data: &[u8]) -> Result<()> {
+            self.sync();
+            self.t.write(addr, data)
         }
     }
 }

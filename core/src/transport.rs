@@ -136,49 +136,17 @@ pub trait Transport: Send {
 
     /// Run one request and return its output.
     fn run_one(&mut self, wr: WorkRequest) -> Result<OpOutput> {
-        let mut done = self.execute(vec![wr])?;
-        let c = done.pop().ok_or_else(|| Error::new(ErrorKind::Internal, "no completion"))?;
-        c.result
+        run_one_executed(self, wr)
     }
 
     /// Read `buf.len()` bytes at `addr` into `buf` (split into operations of at most [`MAX_OP_LEN`]).
     fn read(&mut self, addr: RemoteAddr, buf: &mut [u8]) -> Result<()> {
-        let chunk = MAX_OP_LEN as usize;
-        let mut wrs = Vec::new();
-        for (i, part) in buf.chunks(chunk).enumerate() {
-            let addr = addr.offset_by((i * chunk) as u64);
-            wrs.push(WorkRequest { wr_id: i as u64, addr, op: OpKind::Read { len: part.len() as u32 } });
-        }
-        for c in self.execute(wrs)? {
-            let data = match c.result? {
-                OpOutput::Read(d) => d,
-                other => {
-                    return Err(Error::new(ErrorKind::Internal, format!("read completed as {other:?}")));
-                }
-            };
-            let at = c.wr_id as usize * chunk;
-            let dst = &mut buf[at..at + data.len()];
-            dst.copy_from_slice(&data);
-        }
-        Ok(())
+        read_chunked(self, addr, buf)
     }
 
     /// Write `data` at `addr` (split into operations of at most [`MAX_OP_LEN`]).
     fn write(&mut self, addr: RemoteAddr, data: &[u8]) -> Result<()> {
-        let chunk = MAX_OP_LEN as usize;
-        let wrs = data
-            .chunks(chunk)
-            .enumerate()
-            .map(|(i, part)| WorkRequest {
-                wr_id: i as u64,
-                addr: addr.offset_by((i * chunk) as u64),
-                op: OpKind::Write { data: Bytes::copy_from_slice(part) },
-            })
-            .collect();
-        for c in self.execute(wrs)? {
-            c.result?;
-        }
-        Ok(())
+        write_chunked(self, addr, data)
     }
 
     /// Compare-and-swap the u64 at `addr`; returns the old value (equal to `expect` iff it swapped).
@@ -190,6 +158,54 @@ pub trait Transport: Send {
     fn fetch_add(&mut self, addr: RemoteAddr, add: u64) -> Result<u64> {
         atomic_value(self.run_one(WorkRequest { wr_id: 0, addr, op: OpKind::FetchAdd { add } })?)
     }
+}
+
+/// [`Transport::read`]'s default: chunks of at most [`MAX_OP_LEN`] through [`Transport::execute`]. For
+/// transports that override `read` for some cases and fall back to this for the rest.
+pub fn read_chunked<T: Transport + ?Sized>(t: &mut T, addr: RemoteAddr, buf: &mut [u8]) -> Result<()> {
+    let chunk = MAX_OP_LEN as usize;
+    let mut wrs = Vec::new();
+    for (i, part) in buf.chunks(chunk).enumerate() {
+        let addr = addr.offset_by((i * chunk) as u64);
+        wrs.push(WorkRequest { wr_id: i as u64, addr, op: OpKind::Read { len: part.len() as u32 } });
+    }
+    for c in t.execute(wrs)? {
+        let data = match c.result? {
+            OpOutput::Read(d) => d,
+            other => {
+                return Err(Error::new(ErrorKind::Internal, format!("read completed as {other:?}")));
+            }
+        };
+        let at = c.wr_id as usize * chunk;
+        let dst = &mut buf[at..at + data.len()];
+        dst.copy_from_slice(&data);
+    }
+    Ok(())
+}
+
+/// [`Transport::write`]'s default: chunks of at most [`MAX_OP_LEN`] through [`Transport::execute`].
+pub fn write_chunked<T: Transport + ?Sized>(t: &mut T, addr: RemoteAddr, data: &[u8]) -> Result<()> {
+    let chunk = MAX_OP_LEN as usize;
+    let wrs = data
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, part)| WorkRequest {
+            wr_id: i as u64,
+            addr: addr.offset_by((i * chunk) as u64),
+            op: OpKind::Write { data: Bytes::copy_from_slice(part) },
+        })
+        .collect();
+    for c in t.execute(wrs)? {
+        c.result?;
+    }
+    Ok(())
+}
+
+/// [`Transport::run_one`]'s default: a batch of one through [`Transport::execute`].
+pub fn run_one_executed<T: Transport + ?Sized>(t: &mut T, wr: WorkRequest) -> Result<OpOutput> {
+    let mut done = t.execute(vec![wr])?;
+    let c = done.pop().ok_or_else(|| Error::new(ErrorKind::Internal, "no completion"))?;
+    c.result
 }
 
 /// Execute `op` on plain bytes at `offset` of `mem`: the reference semantics of the one-sided operations,
@@ -253,6 +269,12 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn op_timeout(&self) -> Duration {
         (**self).op_timeout()
+    }
+    fn execute(&mut self, batch: Vec<WorkRequest>) -> Result<Vec<Completion>> {
+        (**self).execute(batch)
+    }
+    fn run_one(&mut self, wr: WorkRequest) -> Result<OpOutput> {
+        (**self).run_one(wr)
     }
     fn read(&mut self, addr: RemoteAddr, buf: &mut [u8]) -> Result<()> {
         (**self).read(addr, buf)

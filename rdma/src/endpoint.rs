@@ -20,6 +20,10 @@
 //!   has completed (or through a `Lent`); the NIC touches a span only while its record is in flight.
 //! - `ready`: completions produced but not yet handed to the caller (including operations refused at
 //!   posting time: every accepted operation completes exactly once).
+//! - `scratch`: a small registered buffer used only by the depth-1 path of the blocking calls
+//!   (`alone.rs`), which runs only while `records` is empty and keeps its one operation out of
+//!   `records` unless it hands it over to the general path (then as a `Local::Scratch` record, which
+//!   keeps `records` non-empty, so the buffer has one user at a time).
 //!
 //! Selective signaling: only every `signal_every`-th work request and the last of each batch ask for a
 //! completion; an RC send queue completes in order, so one successful completion covers every earlier
@@ -38,7 +42,7 @@ use sideway::ibverbs::completion::GenericCompletionQueue;
 use crate::device::Context;
 use crate::error::OpClass;
 use crate::lend::Staging;
-use crate::mr::Registration;
+use crate::mr::{Access, LocalBuffer, Registration};
 use crate::qp::{Qp, QpParams, create_cq};
 use crate::qp_info::QpInfo;
 use crate::staging::{SPAN_ALIGN, Span};
@@ -285,6 +289,8 @@ pub(crate) enum Local {
     Inline,
     /// Caller's registered memory (zero-copy).
     Direct { reg: Arc<Registration>, offset: usize },
+    /// The endpoint's scratch buffer (depth-1 operations only: nothing else is in flight meanwhile).
+    Scratch,
 }
 
 /// The remote operation of a record.
@@ -350,6 +356,10 @@ pub struct Endpoint {
     pub(crate) ready: VecDeque<RdmaCompletion>,
     pub(crate) sync_done: Option<RdmaCompletion>,
     pub(crate) staging: Arc<Staging>,
+    /// The depth-1 path's buffer (`alone.rs`): small staged operations use it without touching the
+    /// staging ring. Only one operation uses it at a time: the depth-1 path runs only when nothing else
+    /// is in flight, and an operation that leaves it for the general path keeps `records` non-empty.
+    pub(crate) scratch: LocalBuffer,
     pub(crate) retired: Vec<Arc<Staging>>,
     pub(crate) next_seq: u64,
     pub(crate) since_signal: usize,
@@ -364,6 +374,10 @@ pub struct Endpoint {
     /// Empty CQ polls since the last completion (the watch is checked every `WATCH_EVERY` of them).
     pub(crate) empty_polls: u32,
 }
+
+/// Size of an endpoint's scratch buffer (see `alone.rs`): covers atomics, small writes and reads up to
+/// a 16 KiB page copied into the caller's buffer.
+pub const SCRATCH_BYTES: usize = 16 << 10;
 
 /// Empty polls between two looks at the clock for `op_timeout`: a clock read per poll would slow the
 /// busy loop (and under emulation it is not cheap).
@@ -395,6 +409,7 @@ impl Endpoint {
         let (cq, _extended) = create_cq(ctx, depth, params.extended)?;
         let qp = Qp::create(ctx, &cq, &params)?;
         let staging = Staging::new(ctx, cfg.staging_bytes)?;
+        let scratch = LocalBuffer::new(ctx, SCRATCH_BYTES, Access::LOCAL)?;
         tracing::debug!(qp = ?qp, inline = qp.max_inline, "RDMA endpoint created");
         Ok(Endpoint {
             qp: Some(qp),
@@ -403,6 +418,7 @@ impl Endpoint {
             ready: VecDeque::new(),
             sync_done: None,
             staging,
+            scratch,
             retired: Vec::new(),
             next_seq: 1,
             since_signal: 0,

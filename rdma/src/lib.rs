@@ -43,6 +43,8 @@ pub mod qp_info;
 mod staging;
 
 #[cfg(feature = "rdma")]
+mod alone;
+#[cfg(feature = "rdma")]
 mod device;
 #[cfg(feature = "rdma")]
 mod endpoint;

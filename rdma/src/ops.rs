@@ -304,6 +304,11 @@ impl Endpoint {
                 Local::Direct { reg, offset } => unsafe {
                     h.setup_sge(reg.lkey(), reg.addr() + *offset as u64, rec.len)
                 },
+                // SAFETY: the scratch buffer is registered, outlives the queue pair (field order), and only
+                // this record uses it until it completes (see the endpoint's `scratch` field).
+                Local::Scratch => unsafe {
+                    h.setup_sge(self.scratch.registration().lkey(), self.scratch.registration().addr(), rec.len)
+                },
                 Local::Empty => unreachable!("empty operations complete at admission"),
             }
         }
@@ -314,7 +319,7 @@ impl Endpoint {
         }
     }
 
-    fn fail_unposted(&mut self, first: usize, err: Error) {
+    pub(crate) fn fail_unposted(&mut self, first: usize, err: Error) {
         for rec in self.records.range_mut(first..) {
             rec.failed = Some(err.duplicate());
         }
@@ -370,7 +375,7 @@ impl Endpoint {
 
     /// A completion for `seq`: every earlier record succeeded (in-order RC send queue), `seq` itself
     /// has `status`.
-    fn on_cqe(&mut self, seq: u64, status: u32, vendor: u32) {
+    pub(crate) fn on_cqe(&mut self, seq: u64, status: u32, vendor: u32) {
         if self.records.front().is_none_or(|r| seq < r.seq) {
             tracing::trace!(seq, status, "completion of an already finished or destroyed operation");
             return;
@@ -402,7 +407,7 @@ impl Endpoint {
 
     /// What a successfully completed record produced. A lent READ span moves into the output (the
     /// record's local becomes `Empty`, so the caller does not free it).
-    fn output(&mut self, rec: &mut Record) -> Output {
+    pub(crate) fn output(&mut self, rec: &mut Record) -> Output {
         match (&rec.local, rec.kind) {
             (Local::Direct { .. }, Kind::Read) => Output::Placed,
             (_, Kind::Write) => Output::Write,
@@ -415,6 +420,13 @@ impl Endpoint {
                 // staging buffer and is still reserved (freed after this copy).
                 let bytes = unsafe { std::slice::from_raw_parts(self.staging_ptr().add(s.offset), rec.len as usize) };
                 Output::Read(Bytes::copy_from_slice(bytes))
+            }
+            (Local::Scratch, Kind::Read) => {
+                Output::Read(Bytes::copy_from_slice(&self.scratch.as_slice()[..rec.len as usize]))
+            }
+            (Local::Scratch, Kind::Cas { .. } | Kind::Faa { .. }) => {
+                let b = self.scratch.as_slice();
+                Output::Atomic(u64::from_ne_bytes(b[..8].try_into().expect("scratch holds 8 bytes")))
             }
             (Local::Staged(s), Kind::Cas { .. } | Kind::Faa { .. }) => {
                 // SAFETY: as above; spans are 64-byte aligned, so the u64 read is aligned. The NIC writes

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use farpool_core::{Error, ErrorKind, Result};
 
+use crate::alone::Alone;
 use crate::endpoint::{Endpoint, Kind, Output, Remote, WATCH_EVERY};
 use crate::mr::LocalBuffer;
 use crate::ops::{Admit, DirectOp, Direction};
@@ -17,7 +18,10 @@ const FLUSH_GRACE: Duration = Duration::from_secs(1);
 impl Endpoint {
     /// RDMA READ of `len` bytes (through the staging buffer).
     pub fn read(&mut self, remote: Remote, len: u32) -> Result<Bytes> {
-        match self.run_sync(|ep| ep.admit(0, Kind::Read, remote, u64::from(len), None, 0, true), &[])? {
+        let alone = self.run_alone(Kind::Read, remote, len, Alone::Staged, None);
+        match alone.unwrap_or_else(|| {
+            self.run_sync(|ep| ep.admit(0, Kind::Read, remote, u64::from(len), None, 0, true), &[])
+        })? {
             Output::Read(b) => Ok(b),
             o => Err(unexpected("read", &o)),
         }
@@ -26,7 +30,13 @@ impl Endpoint {
     /// RDMA WRITE of `data` (inline when small enough, else through the staging buffer).
     pub fn write(&mut self, remote: Remote, data: &[u8]) -> Result<()> {
         let len = data.len() as u64;
-        match self.run_sync(|ep| ep.admit(0, Kind::Write, remote, len, Some(data), 0, true), data)? {
+        let alone = u32::try_from(len).ok().and_then(|l| {
+            let local = if l <= self.max_inline() { Alone::Inline(data) } else { Alone::StagedWrite(data) };
+            self.run_alone(Kind::Write, remote, l, local, None)
+        });
+        match alone
+            .unwrap_or_else(|| self.run_sync(|ep| ep.admit(0, Kind::Write, remote, len, Some(data), 0, true), data))?
+        {
             Output::Write => Ok(()),
             o => Err(unexpected("write", &o)),
         }
@@ -35,7 +45,8 @@ impl Endpoint {
     /// Atomic compare-and-swap of the u64 at `remote` (8-byte aligned); returns the old value.
     pub fn compare_swap(&mut self, remote: Remote, expect: u64, new: u64) -> Result<u64> {
         let kind = Kind::Cas { expect, new };
-        match self.run_sync(|ep| ep.admit(0, kind, remote, 8, None, 0, true), &[])? {
+        let alone = self.run_alone(kind, remote, 8, Alone::Staged, None);
+        match alone.unwrap_or_else(|| self.run_sync(|ep| ep.admit(0, kind, remote, 8, None, 0, true), &[]))? {
             Output::Atomic(v) => Ok(v),
             o => Err(unexpected("compare_swap", &o)),
         }
@@ -43,7 +54,9 @@ impl Endpoint {
 
     /// Atomic fetch-and-add on the u64 at `remote` (8-byte aligned); returns the old value.
     pub fn fetch_add(&mut self, remote: Remote, add: u64) -> Result<u64> {
-        match self.run_sync(|ep| ep.admit(0, Kind::Faa { add }, remote, 8, None, 0, true), &[])? {
+        let kind = Kind::Faa { add };
+        let alone = self.run_alone(kind, remote, 8, Alone::Staged, None);
+        match alone.unwrap_or_else(|| self.run_sync(|ep| ep.admit(0, kind, remote, 8, None, 0, true), &[]))? {
             Output::Atomic(v) => Ok(v),
             o => Err(unexpected("fetch_add", &o)),
         }
@@ -52,6 +65,13 @@ impl Endpoint {
     /// Zero-copy RDMA READ of `len` bytes into `buf[offset..]`. Safe: `buf` stays borrowed until the NIC is
     /// done with it (on a timeout the queue pair is destroyed before this returns).
     pub fn read_into(&mut self, buf: &mut LocalBuffer, offset: usize, len: u32, remote: Remote) -> Result<()> {
+        let reg = buf.registration();
+        if let Some(r) = self.run_alone(Kind::Read, remote, len, Alone::Direct { reg, offset }, None) {
+            return match r? {
+                Output::Placed => Ok(()),
+                o => Err(unexpected("read_into", &o)),
+            };
+        }
         let op = DirectOp { wr_id: 0, dir: Direction::Read, local: buf.registration().clone(), offset, len, remote };
         match self.run_sync(|ep| ep.admit_direct(&op, Kind::Read, 0, true), &[])? {
             Output::Placed => Ok(()),
@@ -61,6 +81,13 @@ impl Endpoint {
 
     /// Zero-copy RDMA WRITE of `buf[offset..offset + len]`.
     pub fn write_from(&mut self, buf: &LocalBuffer, offset: usize, len: u32, remote: Remote) -> Result<()> {
+        let reg = buf.registration();
+        if let Some(r) = self.run_alone(Kind::Write, remote, len, Alone::Direct { reg, offset }, None) {
+            return match r? {
+                Output::Write => Ok(()),
+                o => Err(unexpected("write_from", &o)),
+            };
+        }
         let op = DirectOp { wr_id: 0, dir: Direction::Write, local: buf.registration().clone(), offset, len, remote };
         match self.run_sync(|ep| ep.admit_direct(&op, Kind::Write, 0, true), &[])? {
             Output::Write => Ok(()),
@@ -92,7 +119,7 @@ impl Endpoint {
         self.wait_sync()
     }
 
-    fn wait_sync(&mut self) -> Result<Output> {
+    pub(crate) fn wait_sync(&mut self) -> Result<Output> {
         let mut hard: Option<Instant> = None;
         let mut spins = 0u32;
         loop {

@@ -6,6 +6,7 @@
 //! queue pair (a NIC-side access error moves it to the error state), and a NIC rejection of an
 //! in-bounds access then means `Revoked`.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -16,7 +17,11 @@ use farpool_core::{
     WorkRequest,
 };
 
-use crate::endpoint::{Endpoint, EndpointState, Output, QpExchange, RdmaCompletion, Remote};
+use farpool_core::transport::{read_chunked, run_one_executed, write_chunked};
+use farpool_core::wire::MAX_OP_LEN;
+
+use crate::alone::Alone;
+use crate::endpoint::{Endpoint, EndpointState, Kind, Output, QpExchange, RdmaCompletion, Remote};
 use crate::ops::{Admit, kind_of};
 
 /// Hash of an rkey for the per-post grant lookup: one multiplication instead of SipHash, which cost more
@@ -44,6 +49,9 @@ pub struct RdmaTransport {
     ep: Endpoint,
     /// rkey -> grant length, for bounds checks before posting.
     grants: HashMap<u32, u64, BuildHasherDefault<RkeyHasher>>,
+    /// The last grant `resolve` found (rkey, length): consecutive operations mostly hit the same slab,
+    /// and the depth-1 path is sensitive to every lookup (see `alone.rs`). Cleared when grants change.
+    last_grant: Cell<Option<(u32, Option<u64>)>>,
     exchange: Option<Box<dyn QpExchange>>,
     done: Vec<RdmaCompletion>,
 }
@@ -61,7 +69,7 @@ impl fmt::Debug for RdmaTransport {
 impl RdmaTransport {
     /// Wrap a connected endpoint.
     pub fn new(ep: Endpoint) -> Self {
-        Self { ep, grants: HashMap::default(), exchange: None, done: Vec::new() }
+        Self { ep, grants: HashMap::default(), last_grant: Cell::new(None), exchange: None, done: Vec::new() }
     }
 
     /// Reconnect automatically (at the next `post`) after the queue pair broke, swapping `QpInfo` with
@@ -75,11 +83,13 @@ impl RdmaTransport {
     /// Remember a grant's length so accesses beyond it fail with `OutOfRange` before reaching the NIC.
     pub fn add_grant(&mut self, grant: &SlabGrant) {
         self.grants.insert(grant.cred.rkey, grant.len);
+        self.last_grant.set(None);
     }
 
     /// Forget a grant (after revoke or release).
     pub fn remove_grant(&mut self, grant: &SlabGrant) {
         self.grants.remove(&grant.cred.rkey);
+        self.last_grant.set(None);
     }
 
     /// The endpoint.
@@ -103,23 +113,60 @@ impl RdmaTransport {
     /// Local checks that need no NIC: op size and alignment, RDMA credential present, grant bounds.
     fn precheck(&self, wr: &WorkRequest) -> Result<Remote> {
         wr.op.check(&wr.addr)?;
-        let RemoteAddr { offset, cred, .. } = wr.addr;
+        self.resolve(&wr.addr, wr.op.len())
+    }
+
+    /// The NIC address of `len` bytes at `addr`, checked against the grant when it is known.
+    fn resolve(&self, addr: &RemoteAddr, len: u64) -> Result<Remote> {
+        let RemoteAddr { offset, cred, .. } = *addr;
         if cred.rkey == 0 {
-            return Err(Error::new(ErrorKind::Unsupported, format!("{} has no RDMA registration (rkey 0)", wr.addr)));
+            return Err(Error::new(ErrorKind::Unsupported, format!("{addr} has no RDMA registration (rkey 0)")));
         }
-        let end = offset.checked_add(wr.op.len());
-        if let Some(&len) = self.grants.get(&cred.rkey)
-            && end.is_none_or(|e| e > len)
+        let end = offset.checked_add(len);
+        let known = match self.last_grant.get() {
+            Some((rkey, known)) if rkey == cred.rkey => known,
+            _ => {
+                let known = self.grants.get(&cred.rkey).copied();
+                self.last_grant.set(Some((cred.rkey, known)));
+                known
+            }
+        };
+        if let Some(slab) = known
+            && end.is_none_or(|e| e > slab)
         {
             return Err(Error::new(
                 ErrorKind::OutOfRange,
-                format!("{} + {} bytes is outside the slab of {len} bytes", wr.addr, wr.op.len()),
+                format!("{addr} + {len} bytes is outside the slab of {slab} bytes"),
             ));
         }
         match cred.base_addr.checked_add(offset) {
-            Some(addr) => Ok(Remote { addr, rkey: cred.rkey }),
-            None => Err(Error::new(ErrorKind::OutOfRange, format!("{} overflows the address space", wr.addr))),
+            Some(at) => Ok(Remote { addr: at, rkey: cred.rkey }),
+            None => Err(Error::new(ErrorKind::OutOfRange, format!("{addr} overflows the address space"))),
         }
+    }
+
+    /// Whether a blocking call may take the endpoint's depth-1 path (`alone.rs`): nothing in flight and
+    /// the endpoint ready (a broken one goes through `post`, which reconnects).
+    fn idle(&self) -> bool {
+        self.ep.inflight() == 0 && matches!(self.ep.state(), EndpointState::Ready)
+    }
+
+    /// One operation on the depth-1 path; `None` when not eligible (nothing was done).
+    fn alone(&mut self, wr: &WorkRequest, into: Option<&mut [u8]>) -> Option<Result<Output>> {
+        if !self.idle() {
+            return None;
+        }
+        let remote = match self.precheck(wr) {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        };
+        let len = u32::try_from(wr.op.len()).ok()?;
+        let local = match &wr.op {
+            OpKind::Write { data } if len <= self.ep.max_inline() => Alone::Inline(data),
+            OpKind::Write { data } => Alone::StagedWrite(data),
+            _ => Alone::Staged,
+        };
+        self.ep.run_alone(kind_of(&wr.op), remote, len, local, into)
     }
 }
 
@@ -189,5 +236,47 @@ impl Transport for RdmaTransport {
 
     fn op_timeout(&self) -> Duration {
         self.ep.op_timeout()
+    }
+
+    // The blocking conveniences take the endpoint's depth-1 path (one `ibv_post_send`, one-entry
+    // `ibv_poll_cq`, no completion list) when nothing else is in flight; see `alone.rs`.
+
+    fn run_one(&mut self, wr: WorkRequest) -> Result<OpOutput> {
+        match self.alone(&wr, None) {
+            Some(result) => to_core(RdmaCompletion { wr_id: wr.wr_id, result }).result,
+            None => run_one_executed(self, wr),
+        }
+    }
+
+    fn read(&mut self, addr: RemoteAddr, buf: &mut [u8]) -> Result<()> {
+        if buf.len() <= MAX_OP_LEN as usize {
+            let wr = WorkRequest { wr_id: 0, addr, op: OpKind::Read { len: buf.len() as u32 } };
+            if let Some(result) = self.alone(&wr, Some(&mut *buf)) {
+                return match result? {
+                    Output::Placed => Ok(()),
+                    Output::Read(b) if b.len() == buf.len() => {
+                        buf.copy_from_slice(&b);
+                        Ok(())
+                    }
+                    o => Err(Error::new(ErrorKind::Internal, format!("read completed as {o:?}"))),
+                };
+            }
+        }
+        read_chunked(self, addr, buf)
+    }
+
+    fn write(&mut self, addr: RemoteAddr, data: &[u8]) -> Result<()> {
+        if data.len() <= MAX_OP_LEN as usize && self.idle() {
+            let len = data.len() as u32;
+            let remote = self.resolve(&addr, u64::from(len))?;
+            let local = if len <= self.ep.max_inline() { Alone::Inline(data) } else { Alone::StagedWrite(data) };
+            if let Some(result) = self.ep.run_alone(Kind::Write, remote, len, local, None) {
+                return match result? {
+                    Output::Write => Ok(()),
+                    o => Err(Error::new(ErrorKind::Internal, format!("write completed as {o:?}"))),
+                };
+            }
+        }
+        write_chunked(self, addr, data)
     }
 }

@@ -98,3 +98,114 @@ fn lent_reads_stay_intact_while_held_and_never_block() {
         assert_eq!(&c.read(at(off as u64), n as u32).unwrap()[..], &data[off..off + n], "read {i} after");
     }
 }
+
+/// The blocking calls run on the depth-1 path (`alone.rs`) when nothing else is in flight, and on the
+/// general path otherwise; both give the same bytes. Checks the depth-1 path refuses to take are
+/// answered by the general path with the precise error, and an error completion on the depth-1 path
+/// breaks the endpoint exactly as on the general path.
+#[test]
+#[ignore = "needs an RDMA device; run in tests/vm"]
+fn depth_one_path_matches_the_general_path_and_hands_over_errors() {
+    use farpool_core::ids::{Credential, Epoch, LeaseId, RemoteAddr, SlabGrant, SlabId, Token};
+    use farpool_core::{OpKind, Transport, WorkRequest};
+    use farpool_rdma::{Access, LocalBuffer, Op, RdmaTransport};
+    use std::time::Duration;
+
+    let Some(ctx) = device_or_skip() else { return };
+    let pool = ctx.register_pool_owned(vec![0u8; 1 << 20].into_boxed_slice()).unwrap();
+    let grant = pool.grant(0, 1 << 20).unwrap();
+    let (mut c, _s) = pair(&ctx);
+    let (base, rkey) = (grant.addr(), grant.rkey());
+    let at = |off: u64| Remote { addr: base + off, rkey };
+    let pattern =
+        |n: usize, seed: u32| (0..n as u32).map(|i| (i.wrapping_mul(31).wrapping_add(seed)) as u8).collect::<Vec<u8>>();
+
+    // Zero-copy and staged round trips of every size class (inline, staged, lent).
+    let mut src = LocalBuffer::new(&ctx, 1 << 16, Access::LOCAL).unwrap();
+    let mut dst = LocalBuffer::new(&ctx, 1 << 16, Access::LOCAL).unwrap();
+    for (k, n) in [1usize, 8, 100, 4096, 1 << 16].into_iter().enumerate() {
+        let data = pattern(n, k as u32);
+        src.as_mut_slice()[..n].copy_from_slice(&data);
+        c.write_from(&src, 0, n as u32, at(0)).unwrap();
+        c.read_into(&mut dst, 0, n as u32, at(0)).unwrap();
+        assert_eq!(&dst.as_slice()[..n], &data[..], "zero-copy round trip of {n} bytes");
+        let data = pattern(n, 99 + k as u32);
+        c.write(at(4096), &data).unwrap();
+        assert_eq!(&c.read(at(4096), n as u32).unwrap()[..], &data[..], "staged round trip of {n} bytes");
+    }
+    assert_eq!(c.inflight(), 0);
+
+    // With operations in flight, a blocking call takes the general path; everything still completes.
+    let mut ops: Vec<Op> =
+        (0..3).map(|i| Op { wr_id: 10 + i, remote: at(4096), kind: OpKind::Read { len: 8 } }).collect();
+    assert_eq!(c.post_ops(&mut ops).unwrap(), 3);
+    c.write(at(8192), b"general!").unwrap();
+    assert_eq!(&c.read(at(8192), 8).unwrap()[..], b"general!");
+    let mut done = Vec::new();
+    while done.len() < 3 {
+        assert!(c.poll_completions(&mut done, 3, Duration::from_secs(5)).unwrap() > 0, "async reads lost");
+    }
+    let mut ids: Vec<u64> = done.iter().map(|d| d.wr_id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [10, 11, 12]);
+    assert!(done.iter().all(|d| d.result.is_ok()));
+
+    // Refused locally (the depth-1 path declines, the general path answers): nothing breaks.
+    let e = c.read_into(&mut dst, (1 << 16) - 4, 8, at(0)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::OutOfRange, "{e}");
+    let e = c.compare_swap(at(3), 0, 1).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unaligned, "{e}");
+    assert_eq!(c.fetch_add(at(200_000), 5).unwrap(), 0);
+    assert_eq!(c.compare_swap(at(200_000), 5, 9).unwrap(), 5);
+
+    // The transport's blocking calls take the same path, with its grant checks first.
+    let (c2, _s2) = pair(&ctx);
+    let cred =
+        Credential { lease: LeaseId(1), epoch: Epoch(1), token: Token(0), rkey: grant.rkey(), base_addr: grant.addr() };
+    let g = SlabGrant { slab: SlabId(0), len: 1 << 20, cred };
+    let mut t = RdmaTransport::new(c2);
+    t.add_grant(&g);
+    let data = pattern(3000, 5);
+    t.write(RemoteAddr::in_grant(&g, 20_000), &data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    t.read(RemoteAddr::in_grant(&g, 20_000), &mut back).unwrap();
+    assert_eq!(back, data);
+    assert_eq!(t.fetch_add(RemoteAddr::in_grant(&g, 200_000), 1).unwrap(), 9);
+    let e = t.read(RemoteAddr::in_grant(&g, (1 << 20) - 4), &mut [0u8; 8]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::OutOfRange, "{e}");
+    let out = t.run_one(WorkRequest { wr_id: 7, addr: RemoteAddr::in_grant(&g, 200_000), op: OpKind::Read { len: 8 } });
+    assert_eq!(out.unwrap(), farpool_core::OpOutput::Read(bytes::Bytes::copy_from_slice(&10u64.to_le_bytes())));
+
+    let data = pattern(40_000, 6);
+    t.write(RemoteAddr::in_grant(&g, 300_000), &data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    t.read(RemoteAddr::in_grant(&g, 300_000), &mut back).unwrap();
+    assert_eq!(back, data, "larger than the scratch buffer: through a staging span");
+
+    // Completions slower than `spin_polls` polls (1 here: nearly all) leave the depth-1 path midway;
+    // the general path then finishes them, scratch buffer and staging spans included.
+    let mut slow = Endpoint::new(&ctx, EndpointConfig::new().with_spin_polls(1)).unwrap();
+    let mut peer = Endpoint::new(&ctx, EndpointConfig::passive()).unwrap();
+    let (si, pi) = (slow.local_info().unwrap(), peer.local_info().unwrap());
+    peer.connect(&si).unwrap();
+    slow.connect(&pi).unwrap();
+    for (k, n) in [8usize, 200, 3000, 20_000].into_iter().enumerate() {
+        let data = pattern(n, 40 + k as u32);
+        slow.write(at(400_000), &data).unwrap();
+        assert_eq!(&slow.read(at(400_000), n as u32).unwrap()[..], &data[..], "slow round trip of {n} bytes");
+    }
+    let base = slow.fetch_add(at(200_000), 0).unwrap();
+    for i in 0..20 {
+        assert_eq!(slow.fetch_add(at(200_000), 1).unwrap(), base + i);
+    }
+    assert_eq!(slow.compare_swap(at(200_000), base + 20, 1).unwrap(), base + 20);
+    assert_eq!(slow.inflight(), 0);
+
+    // An error completion on the depth-1 path: Revoked, then the endpoint is broken (Closed).
+    grant.deregister();
+    let e = c.read_into(&mut dst, 0, 8, at(0)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Revoked, "{e}");
+    let e = c.read(at(0), 8).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+    assert_eq!(c.inflight(), 0, "nothing left behind");
+}
