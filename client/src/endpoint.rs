@@ -56,7 +56,7 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
-fn breaks_connection(kind: ErrorKind) -> bool {
+pub(crate) fn breaks_connection(kind: ErrorKind) -> bool {
     matches!(
         kind,
         ErrorKind::Unreachable

@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 
 use super::inner::Inner;
 use super::layout::HEADER_LEN;
+use crate::endpoint::breaks_connection;
 
 pub(crate) struct Endpoints {
     idle: Mutex<HashMap<ServerId, Vec<Box<dyn Transport>>>>,
@@ -38,12 +39,24 @@ impl Endpoints {
 
 /// Post `wrs` and hand each completion to `on(wr_id, result)`. `Err` if the endpoint broke or the batch
 /// did not complete in time; ops not reported by then never will be (the caller treats them as failed).
+/// A batch of one runs as one blocking `run_one` (its result is reported even when it also broke the
+/// endpoint).
 pub(crate) fn drive(
     ep: &mut dyn Transport,
     mut wrs: Vec<WorkRequest>,
     mut on: impl FnMut(usize, Result<OpOutput>),
 ) -> Result<()> {
     let total = wrs.len();
+    if total == 1 && ep.inflight() == 0 {
+        // One operation (a single page fault or write-back): the transport's blocking call, which RDMA
+        // runs on its depth-1 path. Reported either way; `Err` as well when it broke the endpoint.
+        let wr = wrs.pop().expect("one request");
+        let id = wr.wr_id as usize;
+        let r = ep.run_one(wr);
+        let broke = r.as_ref().err().filter(|e| breaks_connection(e.kind())).map(Error::duplicate);
+        on(id, r);
+        return broke.map_or(Ok(()), Err);
+    }
     let mut got = 0;
     let deadline = Instant::now() + ep.op_timeout() * 2;
     let mut out = Vec::with_capacity(total);

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use farpool_core::{
-    Completion, Error, ErrorKind, LeaseId, Result, ServerId, SlabGrant, SlabId, Transport, TransportKind, WorkRequest,
+    Completion, Error, ErrorKind, LeaseId, OpOutput, Result, ServerId, SlabGrant, SlabId, Transport, TransportKind,
+    WorkRequest,
 };
 use parking_lot::Mutex;
 
@@ -236,5 +237,14 @@ impl Transport for PoolEndpoint {
 
     fn op_timeout(&self) -> Duration {
         self.op_timeout
+    }
+
+    /// The transport's own blocking call (RDMA runs it on its depth-1 path), reclassified like `poll`.
+    fn run_one(&mut self, wr: WorkRequest) -> Result<OpOutput> {
+        let wr_id = wr.wr_id;
+        let result = self.ep.transport().run_one(wr);
+        let mut c = Completion { wr_id, result };
+        self.reclassify(&mut c);
+        c.result
     }
 }
