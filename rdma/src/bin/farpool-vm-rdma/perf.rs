@@ -16,6 +16,9 @@ use crate::net::Client;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PerfOp {
     Read,
+    /// READ through the endpoint's staging (`Endpoint::read`: the bytes come back copied, as the
+    /// `Transport` path does).
+    ReadStaged,
     /// READ through `post_direct` + `poll_completions` (the batched zero-copy path); also reports the
     /// time spent posting.
     ReadDirect,
@@ -28,6 +31,7 @@ impl PerfOp {
     pub fn parse(s: &str) -> Option<PerfOp> {
         Some(match s {
             "read" => PerfOp::Read,
+            "read-staged" => PerfOp::ReadStaged,
             "read-direct" => PerfOp::ReadDirect,
             "write" => PerfOp::Write,
             "faa" | "fetch_add" | "atomic" => PerfOp::FetchAdd,
@@ -39,6 +43,7 @@ impl PerfOp {
     fn name(self) -> &'static str {
         match self {
             PerfOp::Read => "read",
+            PerfOp::ReadStaged => "read-staged",
             PerfOp::ReadDirect => "read-direct",
             PerfOp::Write => "write",
             PerfOp::FetchAdd => "faa",
@@ -101,6 +106,7 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
         }
         match op {
             PerfOp::Read => c.ep.read_into(&mut buf, 0, size, at)?,
+            PerfOp::ReadStaged => drop(c.ep.read(at, size)?),
             PerfOp::ReadDirect => {
                 let local = buf.registration().clone();
                 ops.push(DirectOp { wr_id: i as u64, dir: Direction::Read, local, offset: 0, len: size, remote: at });
