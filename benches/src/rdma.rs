@@ -9,9 +9,9 @@
 //! to the ring when the `Bytes` are dropped), smaller ones with a copy (`farpool_rdma::EndpointConfig::
 //! with_lend_min_bytes`). So the 64 KiB bandwidth phase does no user-space copy of the data, like
 //! perftest, but still goes through the whole client path; each completion's `Bytes` is dropped at
-//! once. Latency phases make one blocking call at a time (`Transport::read`/`write`/`fetch_add`, which
-//! the transport runs on its depth-1 path: one post, then busy-poll its completion, as perftest's
-//! `_lat` tests do); the bandwidth phase keeps `--depth` READs in flight (perftest's `_bw` default is 128; we use
+//! once. Latency phases make one blocking call at a time (`Transport::run_one`, as the page tier does
+//! for a one-page batch; the transport runs it on its depth-1 path: one post, then busy-poll its
+//! completion, as perftest's `_lat` tests do); the bandwidth phase keeps `--depth` READs in flight (perftest's `_bw` default is 128; we use
 //! the same `--depth` for both sides).
 //!
 //! Each round runs perftest's `ib_read_lat` (server and client processes on 127.0.0.1), then ours,
@@ -235,15 +235,18 @@ fn reap(t: &mut dyn Transport, done: &mut Vec<Completion>, want: usize) -> Resul
     Ok(n)
 }
 
-/// Depth-1 latency: one blocking operation at a time (`Transport::read` / `write` / `fetch_add`, the
-/// calls `farpool::Endpoint::read` and friends make once the lease has resolved the address; the
-/// transport runs them on its depth-1 path: one post, busy-poll its completion), `iters` times after
-/// a warm-up.
+/// Depth-1 latency: one blocking operation at a time (`Transport::run_one`, the call the page tier makes
+/// for a one-page batch; the transport runs it on its depth-1 path: one post, busy-poll its
+/// completion), `iters` times after a warm-up. A READ's bytes come back as `Bytes`: the staging span
+/// itself from 1 KiB on (zero copy, as perftest reads into its registered buffer), a copy below.
 fn latency(ep: &mut Endpoint, lease: &Lease, op: &str, size: u64, iters: u64) -> Result<LatPhase> {
     let addr = lease.addr(0, 0, size)?;
     let t = ep.transport();
-    let mut buf = vec![0u8; size as usize];
-    let data = vec![7u8; size as usize];
+    let kind = match op {
+        "read" => OpKind::Read { len: size as u32 },
+        "write" => OpKind::Write { data: bytes::Bytes::from(vec![7u8; size as usize]) },
+        _ => OpKind::FetchAdd { add: 1 },
+    };
     let mut hist = LatencyHist::new();
     let warmup = (iters / 10).clamp(10, 1000);
     // As perftest does: one timestamp per iteration, taken before the post; a sample is the distance
@@ -258,12 +261,7 @@ fn latency(ep: &mut Endpoint, lease: &Lease, op: &str, size: u64, iters: u64) ->
         if i == warmup + iters {
             break;
         }
-        let r = match op {
-            "read" => t.read(addr, &mut buf),
-            "write" => t.write(addr, &data),
-            _ => t.fetch_add(addr, 1).map(drop),
-        };
-        r.map_err(|e| anyhow!("{op} {i} failed: {e}"))?;
+        t.run_one(WorkRequest { wr_id: i, addr, op: kind.clone() }).map_err(|e| anyhow!("{op} {i} failed: {e}"))?;
     }
     let phase = LatPhase {
         op: op.into(),

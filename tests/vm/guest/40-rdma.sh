@@ -85,7 +85,8 @@ else
   RATIOS=()
   for i in "${!PT[@]}"; do RATIOS+=("$(awk -v a="${OURS[$i]}" -v b="${PT[$i]}" 'BEGIN { printf "%.3f", a / b }')"); done
   ratio=$(median "${RATIOS[@]}"); ratio=$(awk -v r="$ratio" 'BEGIN { printf "%.2f", r }')
-  why="8 B READ: median of $ROUNDS per-round ratios ${ratio} (per round: ${RATIOS[*]}); medians farpool p50 ${ours} us, ib_read_lat t_typical ${pt50} us"
+  rmed=$(awk -v a="$ours" -v b="$pt50" 'BEGIN { printf "%.2f", a / b }')
+  why="8 B READ: median of $ROUNDS per-round ratios ${ratio} (per round: ${RATIOS[*]}); medians farpool p50 ${ours} us, ib_read_lat t_typical ${pt50} us (ratio of the medians ${rmed})"
   # The reference's own steadiness, for the reader: on a loaded host the vCPU threads get descheduled
   # and ib_read_lat's median moves by several times between rounds.
   awk -v lo="$ptmin" -v hi="$ptmax" 'BEGIN { exit !(hi > 1.5 * lo) }' && why="$why (ib_read_lat ranged ${ptmin}..${ptmax} us)"
