@@ -22,7 +22,12 @@ fn device_or_skip() -> Option<Arc<Context>> {
 
 /// A client endpoint and a passive server endpoint connected to each other in this process.
 fn pair(ctx: &Arc<Context>) -> (Endpoint, Endpoint) {
-    let mut client = Endpoint::new(ctx, EndpointConfig::new()).expect("client endpoint");
+    pair_with(ctx, EndpointConfig::new())
+}
+
+/// [`pair`] with the client's configuration.
+fn pair_with(ctx: &Arc<Context>, cfg: EndpointConfig) -> (Endpoint, Endpoint) {
+    let mut client = Endpoint::new(ctx, cfg).expect("client endpoint");
     let mut server = Endpoint::new(ctx, EndpointConfig::passive()).expect("server endpoint");
     let (ci, si) = (client.local_info().unwrap(), server.local_info().unwrap());
     server.connect(&ci).expect("server connect");
@@ -63,12 +68,7 @@ fn lent_reads_stay_intact_while_held_and_never_block() {
     let Some(ctx) = device_or_skip() else { return };
     let pool = ctx.register_pool_owned(vec![0u8; 1 << 20].into_boxed_slice()).unwrap();
     let grant = pool.grant(0, 1 << 20).unwrap();
-    let cfg = EndpointConfig::new().with_staging_bytes(64 << 10).with_inflight_max(8);
-    let mut c = Endpoint::new(&ctx, cfg).expect("client endpoint");
-    let mut s = Endpoint::new(&ctx, EndpointConfig::passive()).expect("server endpoint");
-    let (ci, si) = (c.local_info().unwrap(), s.local_info().unwrap());
-    s.connect(&ci).unwrap();
-    c.connect(&si).unwrap();
+    let (mut c, _s) = pair_with(&ctx, EndpointConfig::new().with_staging_bytes(64 << 10).with_inflight_max(8));
     let at = |off: u64| Remote { addr: grant.addr() + off, rkey: grant.rkey() };
     let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     for off in (0..data.len()).step_by(32 << 10) {
@@ -184,11 +184,7 @@ fn depth_one_path_matches_the_general_path_and_hands_over_errors() {
 
     // Completions slower than `spin_polls` polls (1 here: nearly all) leave the depth-1 path midway;
     // the general path then finishes them, scratch buffer and staging spans included.
-    let mut slow = Endpoint::new(&ctx, EndpointConfig::new().with_spin_polls(1)).unwrap();
-    let mut peer = Endpoint::new(&ctx, EndpointConfig::passive()).unwrap();
-    let (si, pi) = (slow.local_info().unwrap(), peer.local_info().unwrap());
-    peer.connect(&si).unwrap();
-    slow.connect(&pi).unwrap();
+    let (mut slow, _peer) = pair_with(&ctx, EndpointConfig::new().with_spin_polls(1));
     for (k, n) in [8usize, 200, 3000, 20_000].into_iter().enumerate() {
         let data = pattern(n, 40 + k as u32);
         slow.write(at(400_000), &data).unwrap();
