@@ -155,6 +155,13 @@ pub struct Client {
     stream: TcpStream,
 }
 
+impl Client {
+    /// The endpoint, and the control connection (keep it open while the endpoint is used).
+    pub fn into_endpoint(self) -> (Endpoint, TcpStream) {
+        (self.ep, self.stream)
+    }
+}
+
 /// Send our QpInfo, receive the server's and the slab table.
 pub fn exchange(stream: &mut TcpStream, local: &QpInfo) -> Result<(QpInfo, Vec<RemoteRegion>)> {
     send_frame(stream, &local.to_bytes())?;

@@ -4,8 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use farpool_core::{ErrorKind, Result};
-use farpool_rdma::{Access, Context, DirectOp, Direction, EndpointConfig, LocalBuffer, Remote};
+use farpool_core::ids::{Credential, Epoch, LeaseId, RemoteAddr, SlabGrant, SlabId, Token};
+use farpool_core::{ErrorKind, OpKind, Result, Transport, WorkRequest};
+use farpool_rdma::{Access, Context, DirectOp, Direction, EndpointConfig, LocalBuffer, RdmaTransport, Remote};
 
 use crate::fail;
 use std::net::SocketAddr;
@@ -19,6 +20,9 @@ pub enum PerfOp {
     /// READ through the endpoint's staging (`Endpoint::read`: the bytes come back copied, as the
     /// `Transport` path does).
     ReadStaged,
+    /// READ through `RdmaTransport::run_one` (the `Transport` layer the client library uses, here without
+    /// a memory server or pool around it).
+    ReadTransport,
     /// READ through `post_direct` + `poll_completions` (the batched zero-copy path); also reports the
     /// time spent posting.
     ReadDirect,
@@ -32,6 +36,7 @@ impl PerfOp {
         Some(match s {
             "read" => PerfOp::Read,
             "read-staged" => PerfOp::ReadStaged,
+            "read-transport" => PerfOp::ReadTransport,
             "read-direct" => PerfOp::ReadDirect,
             "write" => PerfOp::Write,
             "faa" | "fetch_add" | "atomic" => PerfOp::FetchAdd,
@@ -44,6 +49,7 @@ impl PerfOp {
         match self {
             PerfOp::Read => "read",
             PerfOp::ReadStaged => "read-staged",
+            PerfOp::ReadTransport => "read-transport",
             PerfOp::ReadDirect => "read-direct",
             PerfOp::Write => "write",
             PerfOp::FetchAdd => "faa",
@@ -96,6 +102,26 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
     let mut stamps_ns: Vec<u64> = Vec::with_capacity(iters + 1);
     let mut ops = Vec::with_capacity(1);
     let mut done = Vec::with_capacity(1);
+    if op == PerfOp::ReadTransport {
+        let (ep, _stream) = c.into_endpoint();
+        let cred = Credential { lease: LeaseId(1), epoch: Epoch(1), token: Token(0), rkey: r.rkey, base_addr: r.addr };
+        let g = SlabGrant { slab: SlabId(0), len: r.len, cred };
+        let mut t = RdmaTransport::new(ep);
+        t.add_grant(&g);
+        let addr = RemoteAddr::in_grant(&g, 0);
+        let origin = Instant::now();
+        for i in 0..=warmup + iters {
+            if i >= warmup {
+                stamps_ns.push(origin.elapsed().as_nanos() as u64);
+            }
+            if i == warmup + iters {
+                break;
+            }
+            t.run_one(WorkRequest { wr_id: i as u64, addr, op: OpKind::Read { len: size } })?;
+        }
+        report(a, &stamps_ns);
+        return Ok(());
+    }
     let origin = Instant::now();
     for i in 0..=warmup + iters {
         if i >= warmup {
@@ -107,6 +133,7 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
         match op {
             PerfOp::Read => c.ep.read_into(&mut buf, 0, size, at)?,
             PerfOp::ReadStaged => drop(c.ep.read(at, size)?),
+            PerfOp::ReadTransport => unreachable!("handled above"),
             PerfOp::ReadDirect => {
                 let local = buf.registration().clone();
                 ops.push(DirectOp { wr_id: i as u64, dir: Direction::Read, local, offset: 0, len: size, remote: at });
@@ -120,12 +147,20 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
             PerfOp::CompareSwap => drop(c.ep.compare_swap(at, 0, 0)?),
         }
     }
+    report(a, &stamps_ns);
+    Ok(())
+}
+
+/// Print the `lat ...` line of one latency run from its per-iteration clock readings.
+fn report(a: &PerfArgs, stamps_ns: &[u64]) {
     let mut samples: Vec<f64> = stamps_ns.windows(2).map(|w| (w[1] - w[0]) as f64 / 1e3).collect();
     samples.sort_by(f64::total_cmp);
     let mean = samples.iter().sum::<f64>() / samples.len() as f64;
     println!(
-        "lat op={} size={size} iters={iters} spin={} verbs={} min_us={:.2} p50_us={:.2} p99_us={:.2} max_us={:.2} mean_us={mean:.2}",
-        op.name(),
+        "lat op={} size={} iters={} spin={} verbs={} min_us={:.2} p50_us={:.2} p99_us={:.2} max_us={:.2} mean_us={mean:.2}",
+        a.op.name(),
+        a.size,
+        a.iters,
         a.spin.map_or_else(|| "default".to_string(), |n| n.to_string()),
         if a.legacy { "legacy" } else { "extended" },
         samples[0],
@@ -133,7 +168,6 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
         percentile(&samples, 0.99),
         samples[samples.len() - 1],
     );
-    Ok(())
 }
 
 /// `depth` zero-copy operations kept in flight; prints `bw op=.. size=.. MiB_s=.. ops_s=..`.
