@@ -33,6 +33,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Args;
 use farpool::{Endpoint, Lease, PoolBuilder, TransportChoice, TransportKind};
 use farpool_core::{Completion, OpKind, Transport, WorkRequest};
+use farpool_rdma::CycleClock;
 use serde::Serialize;
 
 use crate::stats::LatencyHist;
@@ -247,21 +248,26 @@ fn latency(ep: &mut Endpoint, lease: &Lease, op: &str, size: u64, iters: u64) ->
         "write" => OpKind::Write { data: bytes::Bytes::from(vec![7u8; size as usize]) },
         _ => OpKind::FetchAdd { add: 1 },
     };
-    let mut hist = LatencyHist::new();
     let warmup = (iters / 10).clamp(10, 1000);
-    // As perftest does: one timestamp per iteration, taken before the post; a sample is the distance
-    // between two consecutive stamps (the whole post + poll loop, one clock read per operation).
-    let mut last: Option<Instant> = None;
+    // As perftest does: one cycle-counter read per iteration (`CycleClock`), taken before the post; a
+    // sample is the distance between two consecutive readings (the whole post + poll loop). Readings
+    // go to a vector and into the histogram after the loop, so nothing but the operation runs between
+    // two posts.
+    let clock = CycleClock::start(true);
+    let mut stamps = Vec::with_capacity(iters as usize + 1);
     for i in 0..=warmup + iters {
-        let now = Instant::now();
-        if let Some(prev) = last.filter(|_| i > warmup) {
-            hist.record(now - prev);
+        if i >= warmup {
+            stamps.push(clock.now());
         }
-        last = Some(now);
         if i == warmup + iters {
             break;
         }
         t.run_one(WorkRequest { wr_id: i, addr, op: kind.clone() }).map_err(|e| anyhow!("{op} {i} failed: {e}"))?;
+    }
+    clock.to_ns(&mut stamps);
+    let mut hist = LatencyHist::new();
+    for w in stamps.windows(2) {
+        hist.record(Duration::from_nanos(w[1].saturating_sub(w[0])));
     }
     let phase = LatPhase {
         op: op.into(),

@@ -36,6 +36,7 @@
 //! [sideway]: https://github.com/RDMA-Rust/sideway
 #![cfg_attr(not(feature = "rdma"), forbid(unsafe_code))]
 
+mod clock;
 pub mod error;
 pub mod info;
 pub mod qp_info;
@@ -66,6 +67,7 @@ mod transport;
 #[cfg(not(feature = "rdma"))]
 mod stub;
 
+pub use clock::CycleClock;
 #[cfg(feature = "rdma")]
 pub use device::{Context, Limits, discover};
 #[cfg(feature = "rdma")]

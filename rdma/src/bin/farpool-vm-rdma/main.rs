@@ -7,7 +7,7 @@
 //! farpool-vm-rdma [--device rxe_lo] [--gid-index 1] [--require-device] [--atomic-ops N] [--case NAME]...
 //! farpool-vm-rdma --list
 //! farpool-vm-rdma --lat read|read-staged|read-transport|read-direct|write|faa|cas [--size 8] [--iters 1000] [--depth 1] [--spin POLLS]
-//!                 [--legacy-verbs]
+//!                 [--legacy-verbs] [--clock-instant]
 //! farpool-vm-rdma --bw read|write [--size 65536] [--iters 2000] [--depth 16]
 //! farpool-vm-rdma --listen PORT       (server only; then --lat/--bw ... --connect 127.0.0.1:PORT elsewhere)
 //! ```
@@ -46,6 +46,7 @@ struct Args {
     depth: Option<usize>,
     spin: Option<u32>,
     legacy: bool,
+    clock_instant: bool,
     listen: Option<u16>,
     connect: Option<std::net::SocketAddr>,
     atomic_ops: u64,
@@ -65,6 +66,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         depth: None,
         spin: None,
         legacy: false,
+        clock_instant: false,
         listen: None,
         connect: None,
         atomic_ops: 500,
@@ -90,6 +92,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--depth" => a.depth = Some(num(val()?)? as usize),
             "--spin" => a.spin = Some(num(val()?)? as u32),
             "--legacy-verbs" => a.legacy = true,
+            "--clock-instant" => a.clock_instant = true,
             "--listen" => a.listen = Some(num(val()?)? as u16),
             "--connect" => a.connect = Some(val()?.parse().map_err(|_| "--connect 127.0.0.1:PORT")?),
             "--atomic-ops" => a.atomic_ops = num(val()?)?,
@@ -109,7 +112,7 @@ pub fn fail<T>(kind: ErrorKind, message: impl Into<String>) -> Result<T> {
 fn usage() -> &'static str {
     "usage: farpool-vm-rdma [--device NAME] [--gid-index N] [--require-device] [--atomic-ops N] [--case NAME]...\n\
      \x20      farpool-vm-rdma --list\n\
-     \x20      farpool-vm-rdma --lat read|read-staged|read-transport|read-direct|write|faa|cas [--size 8] [--iters 1000] [--depth 1] [--spin POLLS] [--legacy-verbs]\n\
+     \x20      farpool-vm-rdma --lat read|read-staged|read-transport|read-direct|write|faa|cas [--size 8] [--iters 1000] [--depth 1] [--spin POLLS] [--legacy-verbs] [--clock-instant]\n\
      \x20      farpool-vm-rdma --bw read|write [--size 65536] [--iters 2000] [--depth 16] [--connect ADDR]\n\
      \x20      farpool-vm-rdma --listen PORT\n\
      cases: readwrite batch atomics revoke out-of-range peer-gone"
@@ -167,7 +170,15 @@ fn run(args: &Args) -> Result<bool> {
         }
     }
     let target = args.connect.unwrap_or(server.addr());
-    let perf = |op, size, iters, depth| PerfArgs { op, size, iters, depth, spin: args.spin, legacy: args.legacy };
+    let perf = |op, size, iters, depth| PerfArgs {
+        op,
+        size,
+        iters,
+        depth,
+        spin: args.spin,
+        legacy: args.legacy,
+        tsc: !args.clock_instant,
+    };
     if let Some(op) = args.lat {
         // Send queue depth 1 by default, as perftest's latency tests (ib_read_lat: "TX depth: 1").
         let a = perf(op, args.size.unwrap_or(8), args.iters.unwrap_or(1000), args.depth.unwrap_or(1));

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use farpool_core::ids::{Credential, Epoch, LeaseId, RemoteAddr, SlabGrant, SlabId, Token};
 use farpool_core::{ErrorKind, OpKind, Result, Transport, WorkRequest};
-use farpool_rdma::{Access, Context, DirectOp, Direction, EndpointConfig, LocalBuffer, RdmaTransport, Remote};
+use farpool_rdma::{
+    Access, Context, CycleClock, DirectOp, Direction, EndpointConfig, LocalBuffer, RdmaTransport, Remote,
+};
 
 use crate::fail;
 use std::net::SocketAddr;
@@ -74,6 +76,8 @@ pub struct PerfArgs {
     pub spin: Option<u32>,
     /// Force the legacy verbs API.
     pub legacy: bool,
+    /// Time with the cycle counter (x86_64), as perftest does; else `Instant`.
+    pub tsc: bool,
 }
 
 impl PerfArgs {
@@ -97,8 +101,9 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
     let mut buf = LocalBuffer::new(ctx, size.max(8) as usize, Access::LOCAL)?;
     let at = Remote { addr: r.addr, rkey: r.rkey };
     let warmup = (iters / 10).clamp(10, 1000);
-    // As perftest does: one clock read per iteration, before the post; a sample is the distance between
-    // two consecutive reads (the whole post + wait loop), kept as integer nanoseconds until the end.
+    // As perftest does: one cycle-counter read per iteration (`CycleClock`; `--clock-instant` for
+    // `Instant`), before the post; a sample is the distance between two consecutive reads (the whole
+    // post + wait loop), kept as integers until the end and converted to nanoseconds then.
     let mut stamps_ns: Vec<u64> = Vec::with_capacity(iters + 1);
     let mut ops = Vec::with_capacity(1);
     let mut done = Vec::with_capacity(1);
@@ -109,23 +114,24 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
         let mut t = RdmaTransport::new(ep);
         t.add_grant(&g);
         let addr = RemoteAddr::in_grant(&g, 0);
-        let origin = Instant::now();
+        let clock = CycleClock::start(a.tsc);
         for i in 0..=warmup + iters {
             if i >= warmup {
-                stamps_ns.push(origin.elapsed().as_nanos() as u64);
+                stamps_ns.push(clock.now());
             }
             if i == warmup + iters {
                 break;
             }
             t.run_one(WorkRequest { wr_id: i as u64, addr, op: OpKind::Read { len: size } })?;
         }
+        clock.to_ns(&mut stamps_ns);
         report(a, &stamps_ns);
         return Ok(());
     }
-    let origin = Instant::now();
+    let clock = CycleClock::start(a.tsc);
     for i in 0..=warmup + iters {
         if i >= warmup {
-            stamps_ns.push(origin.elapsed().as_nanos() as u64);
+            stamps_ns.push(clock.now());
         }
         if i == warmup + iters {
             break;
@@ -147,6 +153,7 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
             PerfOp::CompareSwap => drop(c.ep.compare_swap(at, 0, 0)?),
         }
     }
+    clock.to_ns(&mut stamps_ns);
     report(a, &stamps_ns);
     Ok(())
 }
@@ -157,12 +164,13 @@ fn report(a: &PerfArgs, stamps_ns: &[u64]) {
     samples.sort_by(f64::total_cmp);
     let mean = samples.iter().sum::<f64>() / samples.len() as f64;
     println!(
-        "lat op={} size={} iters={} spin={} verbs={} min_us={:.2} p50_us={:.2} p99_us={:.2} max_us={:.2} mean_us={mean:.2}",
+        "lat op={} size={} iters={} spin={} verbs={} clock={} min_us={:.2} p50_us={:.2} p99_us={:.2} max_us={:.2} mean_us={mean:.2}",
         a.op.name(),
         a.size,
         a.iters,
         a.spin.map_or_else(|| "default".to_string(), |n| n.to_string()),
         if a.legacy { "legacy" } else { "extended" },
+        if a.tsc && CycleClock::start(true).is_cycles() { "tsc" } else { "instant" },
         samples[0],
         percentile(&samples, 0.5),
         percentile(&samples, 0.99),

@@ -1,0 +1,83 @@
+//! [`CycleClock`]: the per-iteration clock of perftest-style latency loops.
+//!
+//! perftest stamps each iteration with the CPU's cycle counter (`get_cycles`, `rdtsc` on x86_64) and
+//! converts to microseconds afterwards. A vDSO `clock_gettime` per iteration instead costs a few hundred
+//! nanoseconds of the very time being measured, and under emulation (Soft-RoCE in qemu TCG) that user
+//! time is paid several times over: in the guest, one `Instant::now()` per iteration moved our 8 B
+//! READ minimum from perftest's ~23 us to ~26 us. So the farpool latency loops that stand beside
+//! perftest read the cycle counter too, and convert with the rate measured over the whole run against
+//! [`Instant`]. Elsewhere than x86_64, or without the `rdma` feature (the crate is then free of
+//! `unsafe`), they fall back to `Instant`.
+
+use std::time::Instant;
+
+/// Readings of a cycle counter (x86_64) or of [`Instant`], converted to nanoseconds at the end.
+#[derive(Clone, Copy, Debug)]
+pub struct CycleClock {
+    tsc: bool,
+    origin: Instant,
+    tsc0: u64,
+}
+
+impl CycleClock {
+    /// Start; `cycles` asks for the cycle counter (ignored where there is none).
+    pub fn start(cycles: bool) -> Self {
+        let tsc = cycles && cfg!(all(target_arch = "x86_64", feature = "rdma"));
+        let tsc0 = if tsc { read_cycles() } else { 0 };
+        Self { tsc, origin: Instant::now(), tsc0 }
+    }
+
+    /// Whether readings are cycles (else nanoseconds).
+    pub fn is_cycles(&self) -> bool {
+        self.tsc
+    }
+
+    /// A reading: cycles since the start, or nanoseconds.
+    #[inline]
+    pub fn now(&self) -> u64 {
+        if self.tsc { read_cycles().wrapping_sub(self.tsc0) } else { self.origin.elapsed().as_nanos() as u64 }
+    }
+
+    /// Convert readings of [`CycleClock::now`] to nanoseconds in place, with the rate of the counter
+    /// over the run so far.
+    pub fn to_ns(&self, readings: &mut [u64]) {
+        if !self.tsc {
+            return;
+        }
+        let rate = self.origin.elapsed().as_nanos() as f64 / self.now().max(1) as f64;
+        readings.iter_mut().for_each(|t| *t = (*t as f64 * rate) as u64);
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", feature = "rdma"))]
+#[inline]
+fn read_cycles() -> u64 {
+    // SAFETY: `rdtsc` has no preconditions on x86_64 (user mode may execute it unless the OS set
+    // CR4.TSD, which Linux does not by default).
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+#[cfg(not(all(target_arch = "x86_64", feature = "rdma")))]
+fn read_cycles() -> u64 {
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn readings_convert_to_elapsed_nanoseconds() {
+        for cycles in [true, false] {
+            let c = CycleClock::start(cycles);
+            let a = c.now();
+            std::thread::sleep(Duration::from_millis(20));
+            let b = c.now();
+            let mut r = [a, b];
+            c.to_ns(&mut r);
+            let d = r[1] - r[0];
+            assert!((15_000_000..2_000_000_000).contains(&d), "cycles={cycles}: {d} ns for a 20 ms sleep");
+        }
+    }
+}
