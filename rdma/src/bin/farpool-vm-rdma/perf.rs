@@ -92,7 +92,7 @@ impl PerfArgs {
 
 /// One operation at a time on a send queue of `depth` (perftest's latency tests use 1); prints `lat op=.. size=.. iters=.. p50_us=.. p99_us=..`.
 pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<()> {
-    let (op, size, iters) = (a.op, a.size, a.iters);
+    let (op, size) = (a.op, a.size);
     let mut c = Client::connect(ctx, server, a.config().with_inflight_max(a.depth.max(1)))?;
     let r = c.regions[0];
     if u64::from(size) > r.len {
@@ -100,11 +100,6 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
     }
     let mut buf = LocalBuffer::new(ctx, size.max(8) as usize, Access::LOCAL)?;
     let at = Remote { addr: r.addr, rkey: r.rkey };
-    let warmup = (iters / 10).clamp(10, 1000);
-    // As perftest does: one cycle-counter read per iteration (`CycleClock`; `--clock-instant` for
-    // `Instant`), before the post; a sample is the distance between two consecutive reads (the whole
-    // post + wait loop), kept as integers until the end and converted to nanoseconds then.
-    let mut stamps_ns: Vec<u64> = Vec::with_capacity(iters + 1);
     let mut ops = Vec::with_capacity(1);
     let mut done = Vec::with_capacity(1);
     if op == PerfOp::ReadTransport {
@@ -114,28 +109,12 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
         let mut t = RdmaTransport::new(ep);
         t.add_grant(&g);
         let addr = RemoteAddr::in_grant(&g, 0);
-        let clock = CycleClock::start(a.tsc);
-        for i in 0..=warmup + iters {
-            if i >= warmup {
-                stamps_ns.push(clock.now());
-            }
-            if i == warmup + iters {
-                break;
-            }
-            t.run_one(WorkRequest { wr_id: i as u64, addr, op: OpKind::Read { len: size } })?;
-        }
-        clock.to_ns(&mut stamps_ns);
-        report(a, &stamps_ns);
+        let stamps =
+            timed(a, |i| t.run_one(WorkRequest { wr_id: i as u64, addr, op: OpKind::Read { len: size } }).map(drop))?;
+        report(a, &stamps);
         return Ok(());
     }
-    let clock = CycleClock::start(a.tsc);
-    for i in 0..=warmup + iters {
-        if i >= warmup {
-            stamps_ns.push(clock.now());
-        }
-        if i == warmup + iters {
-            break;
-        }
+    let stamps = timed(a, |i| {
         match op {
             PerfOp::Read => c.ep.read_into(&mut buf, 0, size, at)?,
             PerfOp::ReadStaged => drop(c.ep.read(at, size)?),
@@ -152,10 +131,31 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
             PerfOp::FetchAdd => drop(c.ep.fetch_add(at, 1)?),
             PerfOp::CompareSwap => drop(c.ep.compare_swap(at, 0, 0)?),
         }
-    }
-    clock.to_ns(&mut stamps_ns);
-    report(a, &stamps_ns);
+        Ok(())
+    })?;
+    report(a, &stamps);
     Ok(())
+}
+
+/// Run `op(i)` for a warm-up and then `a.iters` times, one at a time. As perftest does: one
+/// cycle-counter read per iteration (`CycleClock`; `--clock-instant` for `Instant`), before the
+/// operation; a sample is the distance between two consecutive reads (the whole post + wait loop).
+/// Returns the `a.iters + 1` readings of the measured part, in nanoseconds.
+fn timed(a: &PerfArgs, mut op: impl FnMut(usize) -> Result<()>) -> Result<Vec<u64>> {
+    let (iters, warmup) = (a.iters, (a.iters / 10).clamp(10, 1000));
+    let mut stamps = Vec::with_capacity(iters + 1);
+    let clock = CycleClock::start(a.tsc);
+    for i in 0..=warmup + iters {
+        if i >= warmup {
+            stamps.push(clock.now());
+        }
+        if i == warmup + iters {
+            break;
+        }
+        op(i)?;
+    }
+    clock.to_ns(&mut stamps);
+    Ok(stamps)
 }
 
 /// Print the `lat ...` line of one latency run from its per-iteration clock readings.
