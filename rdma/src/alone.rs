@@ -13,9 +13,9 @@
 //! queue pairs and completion queues created with either verbs API.
 //!
 //! Anything unusual leaves this path for the general one, which then owns the operation: a check that
-//! refuses the operation (it is re-run there, to produce the precise error), a staging buffer without
-//! room, a failed post, an error completion, or no completion within `spin_polls` polls. "Leaving"
-//! means queueing the very record the general path would have made, with the sequence number already
+//! refuses the operation (it is re-run there, to produce the precise error), a staging ring without
+//! room (the 16 KiB scratch buffer serves small staged operations without the ring's lock), a failed
+//! post, an error completion, or no completion within `spin_polls` polls. "Leaving" means queueing the very record the general path would have made, with the sequence number already
 //! posted, so timeouts, flushes, teardown and error mapping stay in one place.
 
 use std::sync::Arc;
@@ -48,13 +48,12 @@ enum Staged {
 pub(crate) enum Alone<'a> {
     /// The caller's registered memory (zero-copy READ into / WRITE from it).
     Direct { reg: &'a Arc<Registration>, offset: usize },
-    /// A WRITE sent inline from the caller's bytes (only when they fit `max_inline`).
-    Inline(&'a [u8]),
+    /// A WRITE of the caller's bytes: inline when they fit `max_inline`, else copied into the scratch
+    /// buffer (or a staging span) first.
+    Write(&'a [u8]),
     /// A READ or an atomic through the endpoint's scratch buffer (or a staging span: READs of at
     /// least `lend_min_bytes` without `into`, which are lent, and anything over [`SCRATCH_BYTES`]).
     Staged,
-    /// A WRITE of these bytes, copied into the scratch buffer (or a staging span) first.
-    StagedWrite(&'a [u8]),
 }
 
 impl Endpoint {
@@ -99,15 +98,12 @@ impl Endpoint {
                 }
                 (reg.addr() + offset as u64, reg.lkey(), Staged::No, false)
             }
-            Alone::Inline(data) => {
-                if kind != Kind::Write || data.len() != len as usize || len > self.max_inline() {
-                    return None;
-                }
+            Alone::Write(data) if kind == Kind::Write && data.len() == len as usize && len <= self.max_inline() => {
                 (data.as_ptr() as u64, 0, Staged::No, true)
             }
-            Alone::Staged | Alone::StagedWrite(_) => {
+            Alone::Write(_) | Alone::Staged => {
                 let data = match local {
-                    Alone::StagedWrite(d) => Some(d),
+                    Alone::Write(d) => Some(d),
                     _ => None,
                 };
                 if (kind == Kind::Write) != data.is_some() || data.is_some_and(|d| d.len() != len as usize) {

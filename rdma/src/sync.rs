@@ -30,10 +30,8 @@ impl Endpoint {
     /// RDMA WRITE of `data` (inline when small enough, else through the staging buffer).
     pub fn write(&mut self, remote: Remote, data: &[u8]) -> Result<()> {
         let len = data.len() as u64;
-        let alone = u32::try_from(len).ok().and_then(|l| {
-            let local = if l <= self.max_inline() { Alone::Inline(data) } else { Alone::StagedWrite(data) };
-            self.run_alone(Kind::Write, remote, l, local, None)
-        });
+        let alone =
+            u32::try_from(len).ok().and_then(|l| self.run_alone(Kind::Write, remote, l, Alone::Write(data), None));
         match alone
             .unwrap_or_else(|| self.run_sync(|ep| ep.admit(0, Kind::Write, remote, len, Some(data), 0, true), data))?
         {

@@ -162,8 +162,7 @@ impl RdmaTransport {
         };
         let len = u32::try_from(wr.op.len()).ok()?;
         let local = match &wr.op {
-            OpKind::Write { data } if len <= self.ep.max_inline() => Alone::Inline(data),
-            OpKind::Write { data } => Alone::StagedWrite(data),
+            OpKind::Write { data } => Alone::Write(data),
             _ => Alone::Staged,
         };
         self.ep.run_alone(kind_of(&wr.op), remote, len, local, into)
@@ -269,8 +268,7 @@ impl Transport for RdmaTransport {
         if data.len() <= MAX_OP_LEN as usize && self.idle() {
             let len = data.len() as u32;
             let remote = self.resolve(&addr, u64::from(len))?;
-            let local = if len <= self.ep.max_inline() { Alone::Inline(data) } else { Alone::StagedWrite(data) };
-            if let Some(result) = self.ep.run_alone(Kind::Write, remote, len, local, None) {
+            if let Some(result) = self.ep.run_alone(Kind::Write, remote, len, Alone::Write(data), None) {
                 return match result? {
                     Output::Write => Ok(()),
                     o => Err(Error::new(ErrorKind::Internal, format!("write completed as {o:?}"))),
