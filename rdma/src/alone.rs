@@ -15,8 +15,9 @@
 //! Anything unusual leaves this path for the general one, which then owns the operation: a check that
 //! refuses the operation (it is re-run there, to produce the precise error), a staging ring without
 //! room (the 16 KiB scratch buffer serves small staged operations without the ring's lock), a failed
-//! post, an error completion, or no completion within `spin_polls` polls. "Leaving" means queueing the very record the general path would have made, with the sequence number already
-//! posted, so timeouts, flushes, teardown and error mapping stay in one place.
+//! post, an error completion, or no completion within `spin_polls` polls. "Leaving" means queueing the
+//! very record the general path would have made, with the sequence number already posted, so
+//! timeouts, flushes, teardown and error mapping stay in one place.
 
 use std::sync::Arc;
 
