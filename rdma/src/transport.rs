@@ -6,7 +6,6 @@
 //! queue pair (a NIC-side access error moves it to the error state), and a NIC rejection of an
 //! in-bounds access then means `Revoked`.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -49,9 +48,6 @@ pub struct RdmaTransport {
     ep: Endpoint,
     /// rkey -> grant length, for bounds checks before posting.
     grants: HashMap<u32, u64, BuildHasherDefault<RkeyHasher>>,
-    /// The last grant `resolve` found (rkey, length): consecutive operations mostly hit the same slab,
-    /// and the depth-1 path is sensitive to every lookup (see `alone.rs`). Cleared when grants change.
-    last_grant: Cell<Option<(u32, Option<u64>)>>,
     exchange: Option<Box<dyn QpExchange>>,
     done: Vec<RdmaCompletion>,
 }
@@ -69,7 +65,7 @@ impl fmt::Debug for RdmaTransport {
 impl RdmaTransport {
     /// Wrap a connected endpoint.
     pub fn new(ep: Endpoint) -> Self {
-        Self { ep, grants: HashMap::default(), last_grant: Cell::new(None), exchange: None, done: Vec::new() }
+        Self { ep, grants: HashMap::default(), exchange: None, done: Vec::new() }
     }
 
     /// Reconnect automatically (at the next `post`) after the queue pair broke, swapping `QpInfo` with
@@ -83,13 +79,11 @@ impl RdmaTransport {
     /// Remember a grant's length so accesses beyond it fail with `OutOfRange` before reaching the NIC.
     pub fn add_grant(&mut self, grant: &SlabGrant) {
         self.grants.insert(grant.cred.rkey, grant.len);
-        self.last_grant.set(None);
     }
 
     /// Forget a grant (after revoke or release).
     pub fn remove_grant(&mut self, grant: &SlabGrant) {
         self.grants.remove(&grant.cred.rkey);
-        self.last_grant.set(None);
     }
 
     /// The endpoint.
@@ -123,15 +117,7 @@ impl RdmaTransport {
             return Err(Error::new(ErrorKind::Unsupported, format!("{addr} has no RDMA registration (rkey 0)")));
         }
         let end = offset.checked_add(len);
-        let known = match self.last_grant.get() {
-            Some((rkey, known)) if rkey == cred.rkey => known,
-            _ => {
-                let known = self.grants.get(&cred.rkey).copied();
-                self.last_grant.set(Some((cred.rkey, known)));
-                known
-            }
-        };
-        if let Some(slab) = known
+        if let Some(&slab) = self.grants.get(&cred.rkey)
             && end.is_none_or(|e| e > slab)
         {
             return Err(Error::new(
