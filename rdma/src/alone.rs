@@ -77,7 +77,7 @@ impl Endpoint {
             return None;
         }
         let atomic = matches!(kind, Kind::Cas { .. } | Kind::Faa { .. });
-        if atomic && (!remote.addr.is_multiple_of(8) || !self.ctx.limits().atomics) {
+        if !matches!(local, Alone::Direct { .. }) && self.refusal(kind, remote, u64::from(len)).is_some() {
             return None;
         }
         if into

@@ -147,19 +147,7 @@ impl Endpoint {
         if self.records.len() >= self.cfg.inflight_max {
             return Admit::NoRoom;
         }
-        let atomic = matches!(kind, Kind::Cas { .. } | Kind::Faa { .. });
-        let refuse = if atomic && !remote.addr.is_multiple_of(8) {
-            Some(Error::new(ErrorKind::Unaligned, format!("atomic at {:#x} is not 8-byte aligned", remote.addr)))
-        } else if atomic && !self.ctx.limits().atomics {
-            Some(Error::new(ErrorKind::Unsupported, format!("{} does not execute remote atomics", self.ctx.name())))
-        } else if len > self.staging.capacity() as u64 {
-            Some(Error::new(
-                ErrorKind::NoSpace,
-                format!("operation of {len} bytes exceeds the staging buffer of {} bytes", self.staging.capacity()),
-            ))
-        } else {
-            None
-        };
+        let refuse = self.refusal(kind, remote, len);
         let inline = kind == Kind::Write && len <= u64::from(self.max_inline());
         let local = if refuse.is_some() || len == 0 {
             Local::Empty
@@ -183,6 +171,24 @@ impl Endpoint {
             }
         };
         self.push_record(wr_id, kind, remote, len as u32, local, src, sync, refuse)
+    }
+
+    /// Why a staged operation is refused before posting, if it is: a misaligned atomic, atomics on a
+    /// device without them, more than the staging buffer holds.
+    pub(crate) fn refusal(&self, kind: Kind, remote: Remote, len: u64) -> Option<Error> {
+        let atomic = matches!(kind, Kind::Cas { .. } | Kind::Faa { .. });
+        if atomic && !remote.addr.is_multiple_of(8) {
+            Some(Error::new(ErrorKind::Unaligned, format!("atomic at {:#x} is not 8-byte aligned", remote.addr)))
+        } else if atomic && !self.ctx.limits().atomics {
+            Some(Error::new(ErrorKind::Unsupported, format!("{} does not execute remote atomics", self.ctx.name())))
+        } else if len > self.staging.capacity() as u64 {
+            Some(Error::new(
+                ErrorKind::NoSpace,
+                format!("operation of {len} bytes exceeds the staging buffer of {} bytes", self.staging.capacity()),
+            ))
+        } else {
+            None
+        }
     }
 
     /// A staging span for `len` bytes (`len <= capacity`); `Ok(None)`: wait for completions. When the
@@ -304,11 +310,9 @@ impl Endpoint {
                 Local::Direct { reg, offset } => unsafe {
                     h.setup_sge(reg.lkey(), reg.addr() + *offset as u64, rec.len)
                 },
-                // SAFETY: the scratch buffer is registered, outlives the queue pair (field order), and only
-                // this record uses it until it completes (see the endpoint's `scratch` field).
-                Local::Scratch => unsafe {
-                    h.setup_sge(self.scratch.registration().lkey(), self.scratch.registration().addr(), rec.len)
-                },
+                Local::Scratch => {
+                    unreachable!("scratch operations are posted by the depth-1 path, never queued unposted")
+                }
                 Local::Empty => unreachable!("empty operations complete at admission"),
             }
         }
