@@ -38,6 +38,13 @@ impl CycleClock {
         if self.tsc { read_cycles().wrapping_sub(self.tsc0) } else { self.origin.elapsed().as_nanos() as u64 }
     }
 
+    /// The counter's rate over the run so far in MHz (cycles per microsecond), measured against
+    /// [`Instant`]; `None` when the readings are nanoseconds already.
+    pub fn mhz(&self) -> Option<f64> {
+        let ns = self.origin.elapsed().as_nanos() as f64;
+        (self.tsc && ns > 0.0).then(|| self.now() as f64 * 1e3 / ns)
+    }
+
     /// Convert readings of [`CycleClock::now`] to nanoseconds in place, with the rate of the counter
     /// over the run so far.
     pub fn to_ns(&self, readings: &mut [u64]) {
@@ -78,6 +85,17 @@ mod tests {
             c.to_ns(&mut r);
             let d = r[1] - r[0];
             assert!((15_000_000..2_000_000_000).contains(&d), "cycles={cycles}: {d} ns for a 20 ms sleep");
+        }
+    }
+
+    #[test]
+    fn rate_is_reported_only_for_a_cycle_counter() {
+        assert_eq!(CycleClock::start(false).mhz(), None);
+        let c = CycleClock::start(true);
+        std::thread::sleep(Duration::from_millis(5));
+        match c.mhz() {
+            Some(mhz) => assert!(c.is_cycles() && (10.0..100_000.0).contains(&mhz), "{mhz} MHz"),
+            None => assert!(!c.is_cycles(), "a cycle counter must report its rate"),
         }
     }
 }

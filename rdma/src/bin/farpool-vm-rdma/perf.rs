@@ -28,6 +28,10 @@ pub enum PerfOp {
     /// READ through `post_direct` + `poll_completions` (the batched zero-copy path); also reports the
     /// time spent posting.
     ReadDirect,
+    /// The READ variants (`read`, `read-placed`, `read-staged`, `read-transport`) on one endpoint in one
+    /// process, in alternating blocks: differences between them are the per-operation cost of each layer,
+    /// free of what differs between processes (perftest's own minimum moves by ~10 us from run to run).
+    Mix,
     Write,
     FetchAdd,
     CompareSwap,
@@ -40,6 +44,7 @@ impl PerfOp {
             "read-staged" => PerfOp::ReadStaged,
             "read-transport" => PerfOp::ReadTransport,
             "read-direct" => PerfOp::ReadDirect,
+            "mix" => PerfOp::Mix,
             "write" => PerfOp::Write,
             "faa" | "fetch_add" | "atomic" => PerfOp::FetchAdd,
             "cas" | "compare_swap" => PerfOp::CompareSwap,
@@ -53,6 +58,7 @@ impl PerfOp {
             PerfOp::ReadStaged => "read-staged",
             PerfOp::ReadTransport => "read-transport",
             PerfOp::ReadDirect => "read-direct",
+            PerfOp::Mix => "mix",
             PerfOp::Write => "write",
             PerfOp::FetchAdd => "faa",
             PerfOp::CompareSwap => "cas",
@@ -102,13 +108,16 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
     let at = Remote { addr: r.addr, rkey: r.rkey };
     let mut ops = Vec::with_capacity(1);
     let mut done = Vec::with_capacity(1);
-    if op == PerfOp::ReadTransport {
+    if matches!(op, PerfOp::ReadTransport | PerfOp::Mix) {
         let (ep, _stream) = c.into_endpoint();
         let cred = Credential { lease: LeaseId(1), epoch: Epoch(1), token: Token(0), rkey: r.rkey, base_addr: r.addr };
         let g = SlabGrant { slab: SlabId(0), len: r.len, cred };
         let mut t = RdmaTransport::new(ep);
         t.add_grant(&g);
         let addr = RemoteAddr::in_grant(&g, 0);
+        if op == PerfOp::Mix {
+            return mix(a, &mut t, &mut buf, at, addr);
+        }
         let stamps =
             timed(a, |i| t.run_one(WorkRequest { wr_id: i as u64, addr, op: OpKind::Read { len: size } }).map(drop))?;
         report(a, &stamps);
@@ -118,7 +127,7 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
         match op {
             PerfOp::Read => c.ep.read_into(&mut buf, 0, size, at)?,
             PerfOp::ReadStaged => drop(c.ep.read(at, size)?),
-            PerfOp::ReadTransport => unreachable!("handled above"),
+            PerfOp::ReadTransport | PerfOp::Mix => unreachable!("handled above"),
             PerfOp::ReadDirect => {
                 let local = buf.registration().clone();
                 ops.push(DirectOp { wr_id: i as u64, dir: Direction::Read, local, offset: 0, len: size, remote: at });
@@ -134,6 +143,35 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
         Ok(())
     })?;
     report(a, &stamps);
+    Ok(())
+}
+
+/// `PerfOp::Mix`: 10 blocks of each READ variant in turn, `a.iters / 10` operations per block, on one
+/// endpoint; one `lat` line per variant over all its blocks.
+fn mix(a: &PerfArgs, t: &mut RdmaTransport, buf: &mut LocalBuffer, at: Remote, addr: RemoteAddr) -> Result<()> {
+    const BLOCKS: usize = 10;
+    const NAMES: [&str; 4] = ["read", "read-placed", "read-staged", "read-transport"];
+    let size = a.size;
+    let block = PerfArgs { iters: (a.iters / BLOCKS).max(10), ..*a };
+    let mut placed = vec![0u8; size as usize];
+    let mut samples: [Vec<u64>; 4] = Default::default();
+    for _ in 0..BLOCKS {
+        for (v, out) in samples.iter_mut().enumerate() {
+            let stamps = timed(&block, |i| {
+                match v {
+                    0 => t.endpoint_mut().read_into(buf, 0, size, at)?,
+                    1 => t.read(addr, &mut placed)?,
+                    2 => drop(t.endpoint_mut().read(at, size)?),
+                    _ => drop(t.run_one(WorkRequest { wr_id: i as u64, addr, op: OpKind::Read { len: size } })?),
+                }
+                Ok(())
+            })?;
+            out.extend(stamps.windows(2).map(|w| w[1] - w[0]));
+        }
+    }
+    for (name, s) in NAMES.iter().zip(samples) {
+        report_samples(&format!("mix:{name}"), a, s.into_iter().map(|ns| ns as f64 / 1e3).collect());
+    }
     Ok(())
 }
 
@@ -154,20 +192,27 @@ fn timed(a: &PerfArgs, mut op: impl FnMut(usize) -> Result<()>) -> Result<Vec<u6
         }
         op(i)?;
     }
+    if let Some(mhz) = clock.mhz() {
+        eprintln!("cycle counter: {mhz:.1} MHz against the monotonic clock");
+    }
     clock.to_ns(&mut stamps);
     Ok(stamps)
 }
 
 /// Print the `lat ...` line of one latency run from its per-iteration clock readings.
 fn report(a: &PerfArgs, stamps_ns: &[u64]) {
-    let mut samples: Vec<f64> = stamps_ns.windows(2).map(|w| (w[1] - w[0]) as f64 / 1e3).collect();
+    report_samples(a.op.name(), a, stamps_ns.windows(2).map(|w| (w[1] - w[0]) as f64 / 1e3).collect());
+}
+
+/// Print one `lat op=NAME ...` line from samples in microseconds.
+fn report_samples(name: &str, a: &PerfArgs, mut samples: Vec<f64>) {
     samples.sort_by(f64::total_cmp);
     let mean = samples.iter().sum::<f64>() / samples.len() as f64;
     println!(
         "lat op={} size={} iters={} spin={} verbs={} clock={} min_us={:.2} p50_us={:.2} p99_us={:.2} max_us={:.2} mean_us={mean:.2}",
-        a.op.name(),
+        name,
         a.size,
-        a.iters,
+        samples.len(),
         a.spin.map_or_else(|| "default".to_string(), |n| n.to_string()),
         if a.legacy { "legacy" } else { "extended" },
         if a.tsc && CycleClock::start(true).is_cycles() { "tsc" } else { "instant" },
