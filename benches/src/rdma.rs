@@ -52,10 +52,10 @@ const PERFTEST_PORT_HEX: &str = ":4853 ";
 /// Arguments of `farbench rdma`.
 #[derive(Args, Debug, Clone)]
 pub struct RdmaArgs {
-    /// RDMA device (for the embedded server and perftest), e.g. rxe_lo.
+    /// RDMA device (for the embedded server, our client and perftest), e.g. rxe_lo.
     #[arg(long, default_value = "rxe_lo")]
     pub device: String,
-    /// GID index (for the embedded server and perftest's -x).
+    /// GID index (for the embedded server, our client and perftest's -x).
     #[arg(long)]
     pub gid_index: Option<u32>,
     /// Use this running memory server instead of an embedded one.
@@ -169,11 +169,15 @@ pub fn run(a: &RdmaArgs) -> Result<ExitCode> {
             (Some(s), addr)
         }
     };
-    let pool = PoolBuilder::new([addr.as_str()])
+    // The client side uses the same device and GID as the server and perftest.
+    let mut pool = PoolBuilder::new([addr.as_str()])
         .with_transport(TransportChoice::Rdma)
         .with_inflight_max(a.depth.max(1))
-        .build()
-        .context("pool forcing rdma")?;
+        .with_rdma_device(a.device.clone());
+    if let Some(g) = a.gid_index {
+        pool = pool.with_rdma_gid_index(g);
+    }
+    let pool = pool.build().context("pool forcing rdma")?;
     let lease = pool.lease(0, 1)?;
     ensure!(lease.grants()[0].len >= a.bw_size.max(*a.lat_sizes.iter().max().unwrap_or(&8)), "slab too small");
     let mut ep = pool.endpoint(0)?;

@@ -40,6 +40,35 @@ impl fmt::Display for TransportChoice {
     }
 }
 
+/// Which RDMA device, port and GID this client uses. The default is automatic: the first device with an
+/// active port, that port, and its RoCE v2 IPv4-mapped GID (else the first usable one). A device is
+/// opened once per process per distinct selection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RdmaSelect {
+    /// Device name, e.g. `mlx5_0` or `rxe_lo`.
+    pub device: Option<String>,
+    /// Port number, from 1.
+    pub port: Option<u8>,
+    /// GID index (RoCE).
+    pub gid_index: Option<u32>,
+}
+
+impl fmt::Display for RdmaSelect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == Self::default() {
+            return f.write_str("automatic");
+        }
+        f.write_str(self.device.as_deref().unwrap_or("first active device"))?;
+        if let Some(p) = self.port {
+            write!(f, ", port {p}")?;
+        }
+        if let Some(g) = self.gid_index {
+            write!(f, ", gid index {g}")?;
+        }
+        Ok(())
+    }
+}
+
 /// A validated pool configuration (what [`PoolBuilder::build`] uses).
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
@@ -65,6 +94,8 @@ pub struct PoolConfig {
     pub reconnect_backoff: Duration,
     /// Name sent in the handshake (server logs).
     pub name: String,
+    /// The RDMA device, port and GID (when rdma is negotiated or forced).
+    pub rdma: RdmaSelect,
 }
 
 /// Builds a [`Pool`]: `PoolBuilder::new(servers).with_x(..).build()`.
@@ -101,6 +132,7 @@ impl PoolBuilder {
                 idle_endpoints_max: 16,
                 reconnect_backoff: Duration::from_millis(500),
                 name: "farpool-client".into(),
+                rdma: RdmaSelect::default(),
             },
         }
     }
@@ -180,6 +212,30 @@ impl PoolBuilder {
         self
     }
 
+    /// The RDMA device to use, by name (e.g. `mlx5_0`, `rxe_lo`; see `ibv_devices`). Default: the
+    /// first device with an active port. A name that does not open makes rdma unavailable: `Auto`
+    /// moves on to tcp and says why, a forced `Rdma` fails with `Unsupported`.
+    #[must_use]
+    pub fn with_rdma_device(mut self, name: impl Into<String>) -> Self {
+        self.cfg.rdma.device = Some(name.into());
+        self
+    }
+
+    /// The RDMA port, from 1. Default: the device's first active port.
+    #[must_use]
+    pub fn with_rdma_port(mut self, port: u8) -> Self {
+        self.cfg.rdma.port = Some(port);
+        self
+    }
+
+    /// The GID index of the RDMA port (RoCE; `show_gids` lists them). Default: the RoCE v2
+    /// IPv4-mapped GID, else the first usable one.
+    #[must_use]
+    pub fn with_rdma_gid_index(mut self, index: u32) -> Self {
+        self.cfg.rdma.gid_index = Some(index);
+        self
+    }
+
     /// Check the configuration without connecting.
     pub fn validate(&self) -> Result<&PoolConfig> {
         let c = &self.cfg;
@@ -195,6 +251,12 @@ impl PoolBuilder {
         }
         if c.inflight_max == 0 || c.event_capacity == 0 {
             return bad("inflight_max and event_capacity must be non-zero");
+        }
+        if c.rdma.device.as_ref().is_some_and(|d| d.trim().is_empty()) {
+            return bad("empty RDMA device name");
+        }
+        if c.rdma.port == Some(0) {
+            return bad("RDMA ports are numbered from 1");
         }
         Ok(c)
     }
@@ -233,5 +295,23 @@ mod tests {
         let b = PoolBuilder::new(["127.0.0.1:1".parse::<std::net::SocketAddr>().unwrap()]).with_renew_interval_ms(7);
         assert_eq!(b.validate().unwrap().renew_interval, Some(Duration::from_millis(7)));
         assert_eq!(b.validate().unwrap().servers[0], "127.0.0.1:1");
+    }
+
+    #[test]
+    fn rdma_selection_is_validated_and_printed() {
+        let c = PoolBuilder::default();
+        assert_eq!(c.validate().unwrap().rdma, RdmaSelect::default());
+        assert_eq!(c.validate().unwrap().rdma.to_string(), "automatic");
+        let b = PoolBuilder::default().with_rdma_device("rxe_lo").with_rdma_port(1).with_rdma_gid_index(1);
+        assert_eq!(b.validate().unwrap().rdma.to_string(), "rxe_lo, port 1, gid index 1");
+        assert_eq!(
+            PoolBuilder::default().with_rdma_gid_index(3).validate().unwrap().rdma.to_string(),
+            "first active device, gid index 3"
+        );
+        let e = PoolBuilder::default().with_rdma_device(" ").build().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(e.to_string().contains("device name"), "{e}");
+        let e = PoolBuilder::default().with_rdma_port(0).build().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config);
     }
 }

@@ -65,7 +65,7 @@ mod fake;
 #[cfg(test)]
 mod tests;
 
-pub use config::{DEFAULT_SERVER, PoolBuilder, PoolConfig, TransportChoice};
+pub use config::{DEFAULT_SERVER, PoolBuilder, PoolConfig, RdmaSelect, TransportChoice};
 pub use endpoint::Endpoint;
 pub use events::PoolEvent;
 pub use farpool_core::wire::AdminCmd;

@@ -12,7 +12,7 @@
 use farpool_core::wire::{FEATURE_RDMA, FEATURE_SHM, FEATURE_TCP, HelloOk};
 use farpool_core::{Error, ErrorKind, Result, TransportKind};
 
-use crate::config::TransportChoice;
+use crate::config::{RdmaSelect, TransportChoice};
 
 /// What this client process can do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,6 +23,8 @@ pub struct LocalCaps {
     pub shm: bool,
     /// Whether an RDMA transport is built in and a device is present.
     pub rdma: bool,
+    /// Why `rdma` is false (e.g. "no RDMA device: ..."); empty when it is true.
+    pub rdma_why: String,
 }
 
 impl LocalCaps {
@@ -30,8 +32,18 @@ impl LocalCaps {
     /// [`crate::shm`]); rdma when built with the `rdma` feature and an RDMA device opens (the device is
     /// opened once per process; see `crate::rdma`).
     pub fn detect() -> Self {
-        let rdma = crate::rdma::unavailable().is_none();
-        Self { host_id: farpool_core::tcp::local_host_id(), shm: cfg!(target_os = "linux"), rdma }
+        Self::detect_for(&RdmaSelect::default())
+    }
+
+    /// [`LocalCaps::detect`] with this RDMA device selection.
+    pub fn detect_for(rdma: &RdmaSelect) -> Self {
+        let why = crate::rdma::unavailable(rdma);
+        Self {
+            host_id: farpool_core::tcp::local_host_id(),
+            shm: cfg!(target_os = "linux"),
+            rdma: why.is_none(),
+            rdma_why: why.unwrap_or_default(),
+        }
     }
 }
 
@@ -78,7 +90,7 @@ fn shm_blocker(offer: &ServerOffer, local: &LocalCaps) -> Option<String> {
 
 fn rdma_blocker(offer: &ServerOffer, local: &LocalCaps) -> Option<String> {
     if !local.rdma {
-        let why = crate::rdma::unavailable().map(|w| format!(" ({w})")).unwrap_or_default();
+        let why = if local.rdma_why.is_empty() { String::new() } else { format!(" ({})", local.rdma_why) };
         Some(format!("this client has no RDMA transport or device{why}"))
     } else if offer.features & FEATURE_RDMA == 0 {
         Some("the server does not offer rdma".into())
@@ -99,7 +111,7 @@ fn tcp_blocker(offer: &ServerOffer) -> Option<String> {
 /// use farpool_core::TransportKind;
 /// use farpool_core::wire::{FEATURE_SHM, FEATURE_TCP};
 ///
-/// let local = LocalCaps { host_id: "boot-1".into(), shm: false, rdma: false };
+/// let local = LocalCaps { host_id: "boot-1".into(), shm: false, rdma: false, rdma_why: "no RDMA device".into() };
 /// let offer = ServerOffer { features: FEATURE_TCP | FEATURE_SHM, host_id: "boot-1".into() };
 /// let auto = negotiate(TransportChoice::Auto, &offer, &local).unwrap();
 /// assert_eq!(auto.kind, TransportKind::Tcp);
@@ -150,7 +162,7 @@ mod tests {
     }
 
     fn caps(shm: bool, rdma: bool) -> LocalCaps {
-        LocalCaps { host_id: "h1".into(), shm, rdma }
+        LocalCaps { host_id: "h1".into(), shm, rdma, rdma_why: if rdma { "" } else { "no RDMA device: test" }.into() }
     }
 
     #[test]

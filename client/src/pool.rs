@@ -313,8 +313,7 @@ impl Core {
         }
         if kind == TransportKind::Rdma {
             let slot = &self.servers[server];
-            let (timeouts, book) = ((c.connect_timeout, c.op_timeout), slot.rdma_grants.clone());
-            let t = crate::rdma::connect(&slot.addr, &c.name, timeouts.0, timeouts.1, c.inflight_max, book)?;
+            let t = crate::rdma::connect(&slot.addr, c, slot.rdma_grants.clone())?;
             return Ok(Endpoint::new(server, t));
         }
         let t = connect_transport(
@@ -431,6 +430,7 @@ impl Pool {
             })
             .collect();
         let events = EventBus::start(cfg.event_capacity);
+        let local = LocalCaps::detect_for(&cfg.rdma);
         let core = Arc::new_cyclic(|me| Core {
             cfg,
             servers,
@@ -438,7 +438,7 @@ impl Pool {
             events,
             closed: AtomicBool::new(false),
             next_server: AtomicUsize::new(0),
-            local: LocalCaps::detect(),
+            local,
             me: me.clone(),
         });
         let mut pool = Self { core, heartbeat: None };

@@ -15,10 +15,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use farpool_core::{Result, SlabGrant, Transport};
 use parking_lot::Mutex;
+
+use crate::config::{PoolConfig, RdmaSelect};
 
 /// The RDMA grants of one server's leases, shared by the pool and that server's RDMA endpoints.
 #[derive(Debug, Default)]
@@ -62,21 +63,14 @@ impl GrantBook {
     }
 }
 
-/// Why this process cannot use RDMA, or `None` when a device opened.
-pub(crate) fn unavailable() -> Option<String> {
-    imp::device().err()
+/// Why this process cannot use RDMA with the device `sel` selects, or `None` when it opened.
+pub(crate) fn unavailable(sel: &RdmaSelect) -> Option<String> {
+    imp::device(sel).err()
 }
 
-/// Connect an RDMA data endpoint to the server at `addr`.
-pub(crate) fn connect(
-    addr: &str,
-    name: &str,
-    connect_timeout: Duration,
-    op_timeout: Duration,
-    inflight_max: usize,
-    book: Arc<GrantBook>,
-) -> Result<Box<dyn Transport>> {
-    imp::connect(addr, name, connect_timeout, op_timeout, inflight_max, book)
+/// Connect an RDMA data endpoint, on the device `cfg.rdma` selects, to the server at `addr`.
+pub(crate) fn connect(addr: &str, cfg: &PoolConfig, book: Arc<GrantBook>) -> Result<Box<dyn Transport>> {
+    imp::connect(addr, cfg, book)
 }
 
 #[cfg(feature = "rdma")]
@@ -84,6 +78,7 @@ mod imp {
     use std::io::Write;
     use std::net::TcpStream;
     use std::sync::OnceLock;
+    use std::time::Duration;
 
     use bytes::{Bytes, BytesMut};
     use farpool_core::tcp::{client_handshake, connect_bounded};
@@ -96,15 +91,34 @@ mod imp {
     /// Frames other than the answer (e.g. a `Goodbye`) skipped while waiting for `RdmaAccepted`.
     const SKIP_FRAMES_MAX: usize = 16;
 
-    /// The device, opened once per process.
-    pub(super) fn device() -> std::result::Result<Arc<Context>, String> {
-        static DEVICE: OnceLock<std::result::Result<Arc<Context>, String>> = OnceLock::new();
-        DEVICE
-            .get_or_init(|| {
-                let r = Context::open(&DeviceSelector::new()).map_err(|e| e.to_string());
+    /// Opened devices (or why not), one per distinct selection, for the life of the process.
+    type Opened = HashMap<RdmaSelect, std::result::Result<Arc<Context>, String>>;
+
+    /// The device `sel` selects, opened once per process (a failure is remembered too: discovery
+    /// does not change while a process runs, and `auto` negotiation asks on every connect).
+    pub(super) fn device(sel: &RdmaSelect) -> std::result::Result<Arc<Context>, String> {
+        static DEVICES: OnceLock<Mutex<Opened>> = OnceLock::new();
+        let mut opened = DEVICES.get_or_init(Default::default).lock();
+        opened
+            .entry(sel.clone())
+            .or_insert_with(|| {
+                let mut ds = DeviceSelector::new();
+                if let Some(d) = &sel.device {
+                    ds = ds.with_device(d.clone());
+                }
+                if let Some(p) = sel.port {
+                    ds = ds.with_port(p);
+                }
+                if let Some(g) = sel.gid_index {
+                    ds = ds.with_gid_index(g);
+                }
+                let r = Context::open(&ds).map_err(|e| e.to_string());
                 match &r {
-                    Ok(c) => tracing::info!(device = c.name(), port = c.port(), "rdma device opened"),
-                    Err(e) => tracing::info!("rdma unavailable in this client: {e}"),
+                    Ok(c) => tracing::info!(
+                        device = c.name(), port = c.port(), gid_index = ?c.gid().map(|g| g.index), selection = %sel,
+                        "rdma device opened"
+                    ),
+                    Err(e) => tracing::info!(selection = %sel, "rdma unavailable in this client: {e}"),
                 }
                 r
             })
@@ -141,15 +155,10 @@ mod imp {
         }
     }
 
-    pub(super) fn connect(
-        addr: &str,
-        name: &str,
-        connect_timeout: Duration,
-        op_timeout: Duration,
-        inflight_max: usize,
-        book: Arc<GrantBook>,
-    ) -> Result<Box<dyn Transport>> {
-        let ctx = device().map_err(|why| Error::new(ErrorKind::Unsupported, why))?;
+    pub(super) fn connect(addr: &str, cfg: &PoolConfig, book: Arc<GrantBook>) -> Result<Box<dyn Transport>> {
+        let (name, connect_timeout, op_timeout, inflight_max) =
+            (&cfg.name, cfg.connect_timeout, cfg.op_timeout, cfg.inflight_max);
+        let ctx = device(&cfg.rdma).map_err(|why| Error::new(ErrorKind::Unsupported, why))?;
         let mut stream = connect_bounded(addr, connect_timeout)?;
         let mut reader = FrameReader::new();
         client_handshake(&mut stream, &mut reader, name, connect_timeout)?;
@@ -237,18 +246,11 @@ mod imp {
 
     const NOT_BUILT: &str = "no RDMA device: the farpool client was built without the `rdma` feature";
 
-    pub(super) fn device() -> std::result::Result<(), String> {
+    pub(super) fn device(_sel: &RdmaSelect) -> std::result::Result<(), String> {
         Err(NOT_BUILT.to_owned())
     }
 
-    pub(super) fn connect(
-        _addr: &str,
-        _name: &str,
-        _connect_timeout: Duration,
-        _op_timeout: Duration,
-        _inflight_max: usize,
-        _book: Arc<GrantBook>,
-    ) -> Result<Box<dyn Transport>> {
+    pub(super) fn connect(_addr: &str, _cfg: &PoolConfig, _book: Arc<GrantBook>) -> Result<Box<dyn Transport>> {
         Err(Error::new(ErrorKind::Unsupported, NOT_BUILT))
     }
 }
@@ -282,7 +284,7 @@ mod tests {
     /// naming the reason, never a fallback; auto moves on and says why.
     #[test]
     fn forced_rdma_without_a_device_fails_and_auto_moves_on() {
-        if unavailable().is_none() {
+        if unavailable(&RdmaSelect::default()).is_none() {
             println!("SKIPPED: an RDMA device is present; the no-device path is not reachable");
             return;
         }
@@ -308,22 +310,29 @@ mod tests {
 
     #[test]
     fn without_a_device_rdma_is_unavailable_with_a_reason() {
-        match unavailable() {
+        match unavailable(&RdmaSelect::default()) {
             Some(why) => {
                 assert!(why.contains("no RDMA device"), "{why}");
-                let e = connect(
-                    "127.0.0.1:1",
-                    "t",
-                    Duration::from_millis(50),
-                    Duration::from_millis(50),
-                    4,
-                    Arc::default(),
-                )
-                .err()
-                .expect("no device: connect fails");
+                let cfg = crate::PoolBuilder::default().with_connect_timeout_ms(50).with_op_timeout_ms(50);
+                let e = connect("127.0.0.1:1", cfg.validate().unwrap(), Arc::default())
+                    .err()
+                    .expect("no device: connect fails");
                 assert_eq!(e.kind(), farpool_core::ErrorKind::Unsupported);
             }
             None => println!("SKIPPED: an RDMA device is present; the no-device path is not reachable"),
         }
+    }
+
+    /// A device asked for by a name that does not exist is unavailable, whatever else the host has,
+    /// and the reason says so (on a host with devices, it names the one asked for and those found).
+    #[test]
+    fn a_device_named_but_absent_is_unavailable() {
+        let sel = RdmaSelect { device: Some("farpool-no-such-device".into()), ..RdmaSelect::default() };
+        let why = unavailable(&sel).expect("a device that does not exist cannot open");
+        assert!(why.contains("no RDMA device"), "{why}");
+        if unavailable(&RdmaSelect::default()).is_none() {
+            assert!(why.contains("farpool-no-such-device"), "{why}");
+        }
+        assert_eq!(unavailable(&sel), Some(why), "the outcome is remembered per selection");
     }
 }

@@ -7,7 +7,7 @@
 //! ```text
 //! farpool-vm-pool [--memserver PATH] [--device rxe_lo] [--gid-index 1] [--case NAME]...
 //! ```
-//! Cases: offered readwrite atomics out-of-range revoke auto forced-unavailable killed.
+//! Cases: offered readwrite atomics out-of-range revoke auto device-select forced-unavailable killed.
 #![forbid(unsafe_code)]
 
 use std::net::TcpListener;
@@ -279,6 +279,34 @@ fn check_auto(srv: &MemServer) -> Result<String> {
     Ok(format!("auto chose {}: {}", n.kind, n.reason))
 }
 
+/// The client's device selection: the device (and GID index) named explicitly works; a name that does
+/// not exist makes forced rdma fail with `Unsupported` naming it, and auto fall back to tcp saying why.
+fn check_device_select(a: &Args, srv: &MemServer) -> Result<String> {
+    let base = || PoolBuilder::new([srv.addr.as_str()]).with_op_timeout_ms(3_000).with_connect_timeout_ms(5_000);
+    let mut named = base().with_transport(TransportChoice::Rdma).with_rdma_device(a.device.clone());
+    if let Some(g) = &a.gid_index {
+        named = named.with_rdma_gid_index(g.parse().context("--gid-index")?);
+    }
+    let p = named.build()?;
+    ensure!(p.transport_of(0)?.kind == TransportKind::Rdma, "named device: {}", p.transport_of(0)?.reason);
+    let l = p.lease(0, 1)?;
+    l.write(0, 0, b"named")?;
+    let mut back = [0u8; 5];
+    l.read(0, 0, &mut back)?;
+    ensure!(&back == b"named", "read back {back:?}");
+    let bogus = "farpool-no-such-device";
+    let e = base()
+        .with_transport(TransportChoice::Rdma)
+        .with_rdma_device(bogus)
+        .build()
+        .err()
+        .ok_or_else(|| anyhow!("forced rdma on device {bogus:?} built a pool"))?;
+    ensure!(e.kind() == ErrorKind::Unsupported && e.to_string().contains(bogus), "forced: {e}");
+    let n = base().with_rdma_device(bogus).build()?.transport_of(0)?;
+    ensure!(n.kind == TransportKind::Tcp && n.reason.contains(bogus), "auto chose {} ({})", n.kind, n.reason);
+    Ok(format!("{} works; {bogus}: forced {}; auto {}", a.device, short(&e), n.reason))
+}
+
 fn check_forced_unavailable(a: &Args) -> Result<String> {
     let srv = MemServer::start(a, "nordma", &["--no-rdma"])?;
     let e = pool(&srv.addr, TransportChoice::Rdma)
@@ -372,6 +400,11 @@ fn main() -> Result<()> {
             let r = f(&srv).map(|w| format!("{w} ({:.2}s)", t.elapsed().as_secs_f64()));
             report(name, r, &mut failed);
         }
+    }
+    if want("device-select") {
+        let t = Instant::now();
+        let r = check_device_select(&a, &srv).map(|w| format!("{w} ({:.2}s)", t.elapsed().as_secs_f64()));
+        report("device-select", r, &mut failed);
     }
     if want("forced-unavailable") {
         report("forced-unavailable", check_forced_unavailable(&a), &mut failed);

@@ -7,6 +7,8 @@
 #   pool-atomics             4 threads x N FETCH_ADD and CAS increments, each on its own endpoint: sums exact
 #   pool-out-of-range        refused client-side; a forged address refused by the NIC; server keeps serving
 #   pool-auto                auto negotiation (server without shm) picks rdma and says why
+#   pool-device-select       the client's device named explicitly (with the GID index) works; a device
+#                            name that does not exist: forced rdma Unsupported naming it, auto -> tcp
 #   pool-revoke              admin shrink with a 300 ms grace: the old rkey fails at the NIC (Revoked), the
 #                            other lease is still served
 #   pool-forced-unavailable  forced rdma against a --no-rdma server: Unsupported, never a fallback
