@@ -1,19 +1,22 @@
-//! The server's side of the RDMA transport (feature `rdma`): the device, the pool registration, one
+//! The server's side of the RDMA transport (feature `rdma`): the device, the pool regions known to it, one
 //! memory region per RDMA grant, and the passive queue pairs of connected clients.
 //!
 //! Owns: [`RdmaState`], created at start from `--rdma-device` / `--rdma-gid-index`. When the device
 //! opens and the first pool region registers, the server advertises `FEATURE_RDMA`; otherwise it logs
 //! `rdma not offered: <reason>` and serves tcp (and shm) only.
 //!
-//! - **Pool**: every region (the initial one and each one added by `grow`) is registered once, for
-//!   local access: that pins and faults it in, so a grant's registration is a quick page-table walk.
-//! - **Grants**: a lease with `LEASE_FLAG_RDMA` gets one MR per slab ([`RdmaState::grant`]); its rkey
-//!   and address are the credential's `rkey` / `base_addr`. Revoke, expiry, release and shrink call
-//!   [`RdmaState::revoke`] *before* the slab is wiped, so the NIC refuses the old rkey before any byte
-//!   is zeroed or handed to another tenant.
-//! - **Wiping**: a registered region is zeroed in place ([`RdmaState::wipe`]) instead of discarded:
-//!   `MADV_DONTNEED` / hole punching would swap fresh pages in under the CPU while the pool MR keeps the
-//!   old ones pinned (leaking them, and splitting what the NIC and the CPU see).
+//! - **Pool**: every region (the initial one and each one added by `grow`) is made known to the device
+//!   once (`register_pool_owned`), without pinning it: only granted slabs are registered.
+//! - **Grants**: a lease with `LEASE_FLAG_RDMA` gets one MR per slab ([`RdmaState::grant`]), which pins
+//!   that slab (faulting in pages a discard gave back); its rkey and address are the credential's
+//!   `rkey` / `base_addr`. Revoke, expiry, release and shrink call [`RdmaState::revoke`] *before* the
+//!   slab is wiped, so the NIC refuses the old rkey before any byte is zeroed or handed to another
+//!   tenant.
+//! - **Wiping**: once its MR is gone a slab is plain memory, discarded like any other by the caller
+//!   (`MADV_DONTNEED` or a punched hole: it reads as zeros and its pages go back to the OS), so a
+//!   shrink returns memory with rdma on too. An MR over the whole pool would keep every page pinned for
+//!   the server's life: a discard would then show the CPU fresh pages while the NIC kept the old ones,
+//!   and a shrink would release nothing.
 //! - **Queue pairs**: `RdmaConnect { info }` creates a passive endpoint connected to the client's queue
 //!   pair; it lives as long as the TCP connection that asked for it, at most [`QPS_PER_CONN`] per
 //!   connection (a reconnect replaces the oldest). Passive queue pairs never post: they only answer the
@@ -21,9 +24,6 @@
 //!
 //! Locking: one mutex around the whole state; it is taken under the server's control lock (grant,
 //! revoke) but never takes that lock itself. Queue pairs are created and connected outside it.
-//!
-//! Limitation: with the pool registered, shrinking releases no memory to the OS until the server
-//! exits (the pool MR keeps the pages pinned).
 
 use std::sync::Arc;
 
@@ -148,14 +148,6 @@ mod imp {
             }
         }
 
-        /// Make a reclaimed slab read as zeros: zeroed in place when its region is registered (see
-        /// the module docs), discarded otherwise.
-        pub(crate) fn wipe(&self, mem: &SlabMem) -> Result<()> {
-            let registered =
-                self.inner.lock().as_ref().is_some_and(|a| a.pools.iter().any(|(r, _)| Arc::ptr_eq(r, &mem.region)));
-            if registered { mem.region.zero(mem.offset, mem.len as usize) } else { mem.discard() }
-        }
-
         /// `RdmaConnect { info }` on connection `conn`: a passive queue pair connected to the client's;
         /// returns ours, serialized.
         pub(crate) fn connect(&self, conn: ConnId, info: &[u8]) -> Result<Bytes> {
@@ -217,9 +209,6 @@ mod imp {
             Err(not_built())
         }
         pub(crate) fn revoke(&self, _lease: LeaseId, _slab: SlabId) {}
-        pub(crate) fn wipe(&self, mem: &SlabMem) -> Result<()> {
-            mem.discard()
-        }
         pub(crate) fn connect(&self, _conn: ConnId, _info: &[u8]) -> Result<Bytes> {
             Err(not_built())
         }

@@ -336,9 +336,10 @@ impl Shared {
         let removed = self.grants.remove(slabs);
         assert_eq!(removed.len(), slabs.len(), "reclaiming slabs that have no grant");
         for (slab, g) in slabs.iter().zip(&removed) {
-            // The NIC must refuse the grant's rkey before its bytes are wiped or reused.
+            // The NIC must refuse the grant's rkey (and its MR unpin the slab) before its bytes are
+            // discarded or reused.
             self.rdma.revoke(g.lease, *slab);
-            if let Err(e) = self.rdma.wipe(&g.mem) {
+            if let Err(e) = g.mem.discard() {
                 // Never hand out memory we could not zero: take the slab out of capacity instead.
                 tracing::error!(%slab, "cannot zero slab, removing it from capacity: {e}");
                 ctl.alloc.retire(*slab);

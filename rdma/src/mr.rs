@@ -38,7 +38,7 @@ pub struct Access {
 }
 
 impl Access {
-    /// Local access only (client buffers, the server's pool registration).
+    /// Local access only (client buffers and staging).
     pub const LOCAL: Access = Access { remote_read: false, remote_write: false, remote_atomic: false };
     /// READ, WRITE and atomics from peers (a slab grant).
     pub const REMOTE_ALL: Access = Access { remote_read: true, remote_write: true, remote_atomic: true };

@@ -7,7 +7,8 @@
 //! ```text
 //! farpool-vm-pool [--memserver PATH] [--device rxe_lo] [--gid-index 1] [--case NAME]...
 //! ```
-//! Cases: offered readwrite atomics out-of-range revoke auto device-select forced-unavailable killed.
+//! Cases: offered readwrite atomics out-of-range revoke auto device-select forced-unavailable
+//! shrink-frees-memory killed.
 #![forbid(unsafe_code)]
 
 use std::net::TcpListener;
@@ -57,13 +58,18 @@ struct MemServer {
 
 impl MemServer {
     fn start(a: &Args, name: &str, extra: &[&str]) -> Result<MemServer> {
+        Self::start_sized(a, name, SLAB, SLABS, extra)
+    }
+
+    /// [`MemServer::start`] with `slabs` slabs of `slab` bytes.
+    fn start_sized(a: &Args, name: &str, slab: u64, slabs: u64, extra: &[&str]) -> Result<MemServer> {
         // A free port: bind, read it, release (the server binds it right after; 127.0.0.1 only).
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = format!("127.0.0.1:{port}");
         let log = format!("/tmp/farpool-vm-pool-{name}.log");
         let file = std::fs::File::create(&log)?;
         let mut cmd = Command::new(&a.memserver);
-        cmd.args(["--listen", &addr, "--capacity", &(SLAB * SLABS).to_string(), "--slab-size", &SLAB.to_string()])
+        cmd.args(["--listen", &addr, "--capacity", &(slab * slabs).to_string(), "--slab-size", &slab.to_string()])
             .args(["--lease-ms", "5000", "--workers", "2", "--no-shm", "--log", "info"])
             .args(extra)
             .stdout(Stdio::null())
@@ -307,6 +313,71 @@ fn check_device_select(a: &Args, srv: &MemServer) -> Result<String> {
     Ok(format!("{} works; {bogus}: forced {}; auto {}", a.device, short(&e), n.reason))
 }
 
+/// The guest's free memory in bytes (`MemFree` of /proc/meminfo).
+fn mem_free() -> Result<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo")?;
+    let kb = m
+        .lines()
+        .find_map(|l| l.strip_prefix("MemFree:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .ok_or_else(|| anyhow!("no MemFree in /proc/meminfo"))?;
+    Ok(kb << 10)
+}
+
+/// With rdma on, a granted slab is pinned by its MR only: leasing slabs over rdma takes their memory,
+/// and shrinking them away (revoke, MR deregistered, pages discarded) gives it back to the OS.
+fn check_shrink_frees_memory(a: &Args) -> Result<String> {
+    const BIG: u64 = 32 << 20;
+    const N: u64 = 8;
+    let total = BIG * N;
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    let srv = MemServer::start_sized(a, "shrink-mem", BIG, N, &MemServer::rdma_args(a))?;
+    let p = pool(&srv.addr, TransportChoice::Rdma)?;
+    let events = p.events();
+    let before = mem_free()?;
+    let lease = p.lease(0, N as u32)?;
+    for g in 0..N as usize {
+        lease.write(g, BIG - 8, b"farpool!")?;
+    }
+    let held = mem_free()?;
+    ensure!(
+        before.saturating_sub(held) >= total * 3 / 4,
+        "leasing {} MiB over rdma took only {:.0} MiB of free memory (were the slabs pinned before?)",
+        mib(total),
+        mib(before.saturating_sub(held))
+    );
+    let t0 = Instant::now();
+    p.admin(0, AdminCmd::Shrink { slabs: N as u32, grace_ms: 0 })?;
+    loop {
+        ensure!(t0.elapsed() < Duration::from_secs(20), "no Revoked event within 20 s");
+        if let Ok(PoolEvent::Revoked { lease: l, .. }) = events.recv_timeout(Duration::from_millis(200))
+            && l == lease.id()
+        {
+            break;
+        }
+    }
+    let back = loop {
+        let now = mem_free()?;
+        if now.saturating_sub(held) >= total * 3 / 4 || t0.elapsed() > Duration::from_secs(20) {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(
+        back.saturating_sub(held) >= total * 3 / 4,
+        "shrinking away {} MiB of rdma-granted slabs gave back only {:.0} MiB",
+        mib(total),
+        mib(back.saturating_sub(held))
+    );
+    Ok(format!(
+        "leasing {} MiB over rdma took {:.0} MiB; shrinking them away gave back {:.0} MiB in {:.2}s",
+        mib(total),
+        mib(before.saturating_sub(held)),
+        mib(back.saturating_sub(held)),
+        t0.elapsed().as_secs_f64()
+    ))
+}
+
 fn check_forced_unavailable(a: &Args) -> Result<String> {
     let srv = MemServer::start(a, "nordma", &["--no-rdma"])?;
     let e = pool(&srv.addr, TransportChoice::Rdma)
@@ -405,6 +476,9 @@ fn main() -> Result<()> {
         let t = Instant::now();
         let r = check_device_select(&a, &srv).map(|w| format!("{w} ({:.2}s)", t.elapsed().as_secs_f64()));
         report("device-select", r, &mut failed);
+    }
+    if want("shrink-frees-memory") {
+        report("shrink-frees-memory", check_shrink_frees_memory(&a), &mut failed);
     }
     if want("forced-unavailable") {
         report("forced-unavailable", check_forced_unavailable(&a), &mut failed);

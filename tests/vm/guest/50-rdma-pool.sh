@@ -11,6 +11,8 @@
 #                            name that does not exist: forced rdma Unsupported naming it, auto -> tcp
 #   pool-revoke              admin shrink with a 300 ms grace: the old rkey fails at the NIC (Revoked), the
 #                            other lease is still served
+#   pool-shrink-frees-memory leasing 256 MiB over rdma takes guest memory; shrinking those slabs away
+#                            (revoke, MR deregistered, pages discarded) gives it back (MemFree)
 #   pool-forced-unavailable  forced rdma against a --no-rdma server: Unsupported, never a fallback
 #   pool-killed              the server killed (kill -9) mid-run: errors within seconds, no hang
 #   pool-auto-log            the client logged its negotiation ("transport negotiated ... rdma")
