@@ -177,22 +177,29 @@ fn answer(m: Msg, w: &Arc<Mutex<TcpStream>>, shared: &Shared) -> Option<Msg> {
             let expiry = Instant::now() + Duration::from_millis(lease_ms);
             let fl = FakeLease { slabs: ids, token, expiry, revoked: HashSet::new(), owner: w.clone() };
             shared.leases.lock().insert(id, fl);
-            Msg::LeaseGranted(LeaseGrant { req, lease: LeaseId(id), expires_in_ms: lease_ms, grants })
+            // The fake uses the grant token as the lease secret too.
+            Msg::LeaseGranted(LeaseGrant { req, lease: LeaseId(id), expires_in_ms: lease_ms, secret: token, grants })
         }
-        Msg::Renew { req, lease } => {
+        Msg::Renew { req, lease, secret } => {
             shared.renews.fetch_add(1, Ordering::SeqCst);
             match shared.leases.lock().get_mut(&lease.0) {
-                Some(fl) if fl.expiry > Instant::now() => {
+                Some(fl) if fl.expiry > Instant::now() && fl.token == secret => {
                     fl.expiry = Instant::now() + Duration::from_millis(lease_ms);
                     Msg::Renewed { req, lease, expires_in_ms: lease_ms }
                 }
                 _ => Msg::ErrorReply { req, kind: ErrorKind::Revoked, message: "unknown or expired lease".into() },
             }
         }
-        Msg::Release { req, lease } => match shared.leases.lock().remove(&lease.0) {
-            Some(_) => Msg::Ack { req },
-            None => Msg::ErrorReply { req, kind: ErrorKind::Revoked, message: "unknown lease".into() },
-        },
+        Msg::Release { req, lease, secret } => {
+            let mut leases = shared.leases.lock();
+            match leases.get(&lease.0) {
+                Some(fl) if fl.token == secret => {
+                    leases.remove(&lease.0);
+                    Msg::Ack { req }
+                }
+                _ => Msg::ErrorReply { req, kind: ErrorKind::Revoked, message: "unknown lease".into() },
+            }
+        }
         Msg::Ping { req } => Msg::Pong { req },
         Msg::Admin { req, .. } => {
             let n = shared.leases.lock().len() as u64;

@@ -78,7 +78,9 @@ pub(crate) fn step(core: &Core, inflight: &mut InFlight) -> Duration {
         }
         let key = (l.server, l.id);
         if !inflight.contains_key(&key) && now >= l.next_renew() {
-            let sent = core.current_conn(l.server).and_then(|c| c.send("renew", |req| Msg::Renew { req, lease: l.id }));
+            let sent = core
+                .current_conn(l.server)
+                .and_then(|c| c.send("renew", |req| Msg::Renew { req, lease: l.id, secret: l.secret }));
             match sent {
                 Ok(p) => {
                     inflight.insert(key, p);

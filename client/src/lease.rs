@@ -50,6 +50,8 @@ struct LeaseMut {
 #[derive(Debug)]
 pub(crate) struct LeaseState {
     pub(crate) id: LeaseId,
+    /// The lease's secret (from `LeaseGranted`), carried by `Renew` and `Release`.
+    pub(crate) secret: u64,
     pub(crate) server: usize,
     pub(crate) grants: Vec<SlabGrant>,
     m: Mutex<LeaseMut>,
@@ -60,6 +62,7 @@ impl LeaseState {
     /// `renew_every` or, when `None`, at a third of its duration.
     pub(crate) fn new(
         id: LeaseId,
+        secret: u64,
         server: usize,
         grants: Vec<SlabGrant>,
         granted_at: Instant,
@@ -75,7 +78,7 @@ impl LeaseState {
             revoking: HashMap::new(),
             revoked: HashSet::new(),
         };
-        Self { id, server, grants, m: Mutex::new(m) }
+        Self { id, secret, server, grants, m: Mutex::new(m) }
     }
 
     pub(crate) fn status(&self) -> LeaseStatus {
@@ -245,7 +248,7 @@ impl Lease {
     /// Renew now and return the new expiry (the heartbeat does this in the background by default).
     pub fn renew(&self) -> Result<Instant> {
         let conn = self.core.current_conn(self.state.server)?;
-        let pending = conn.send("renew", |req| Msg::Renew { req, lease: self.state.id })?;
+        let pending = conn.send("renew", |req| Msg::Renew { req, lease: self.state.id, secret: self.state.secret })?;
         let sent_at = pending.sent_at();
         match pending.wait(conn.op_timeout())? {
             Msg::Renewed { expires_in_ms, .. } => {
@@ -263,7 +266,7 @@ impl Lease {
         }
         self.core.forget_lease(&self.state);
         let conn = self.core.current_conn(self.state.server)?;
-        match conn.call("release", |req| Msg::Release { req, lease: self.state.id })? {
+        match conn.call("release", |req| Msg::Release { req, lease: self.state.id, secret: self.state.secret })? {
             Msg::Ack { .. } => Ok(()),
             other => Err(Error::new(ErrorKind::Protocol, format!("release answered with {other:?}"))),
         }
@@ -323,7 +326,7 @@ mod tests {
     fn state(duration_ms: u64) -> LeaseState {
         let cred = Credential { lease: LeaseId(9), epoch: Epoch(1), token: Token(7), rkey: 0, base_addr: 0 };
         let grants = (0..2).map(|i| SlabGrant { slab: SlabId(10 + i), len: 4096, cred }).collect();
-        LeaseState::new(LeaseId(9), 0, grants, Instant::now(), Duration::from_millis(duration_ms), None)
+        LeaseState::new(LeaseId(9), 0x5ec2e7, 0, grants, Instant::now(), Duration::from_millis(duration_ms), None)
     }
 
     #[test]

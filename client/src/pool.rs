@@ -292,7 +292,7 @@ impl Core {
     pub(crate) fn release_oneway(&self, l: &LeaseState) {
         if let Ok(conn) = self.current_conn(l.server) {
             let req = conn.next_req();
-            if let Err(e) = conn.send_oneway(&Msg::Release { req, lease: l.id }) {
+            if let Err(e) = conn.send_oneway(&Msg::Release { req, lease: l.id, secret: l.secret }) {
                 tracing::debug!(lease = %l.id, "release of a dropped lease not sent: {e}");
             }
         }
@@ -359,7 +359,8 @@ impl Core {
             other => return Err(Error::new(ErrorKind::Protocol, format!("lease request answered with {other:?}"))),
         };
         let duration = Duration::from_millis(g.expires_in_ms);
-        let state = Arc::new(LeaseState::new(g.lease, server, g.grants, sent_at, duration, self.cfg.renew_interval));
+        let state =
+            Arc::new(LeaseState::new(g.lease, g.secret, server, g.grants, sent_at, duration, self.cfg.renew_interval));
         if flags == LEASE_FLAG_SHM
             && let Err(e) = self.shm_maps(server).and_then(|m| m.attach(&state.grants))
         {
@@ -384,7 +385,7 @@ impl Core {
                 self.forget_lease(&l);
                 let st = self.servers[l.server].state.lock().conn.clone();
                 if let Some(c) = st {
-                    let _ = c.send_oneway(&Msg::Release { req: c.next_req(), lease: l.id });
+                    let _ = c.send_oneway(&Msg::Release { req: c.next_req(), lease: l.id, secret: l.secret });
                 }
             }
         }

@@ -269,8 +269,8 @@ impl Conn {
         let s = &self.shared;
         Ok(match m {
             Msg::LeaseRequest { req, slabs, flags } => s.lease_request(self.id, req, slabs, flags),
-            Msg::Renew { req, lease } => s.renew(self.id, req, lease),
-            Msg::Release { req, lease } => s.release(req, lease),
+            Msg::Renew { req, lease, secret } => s.renew(self.id, req, lease, secret),
+            Msg::Release { req, lease, secret } => s.release(self.id, req, lease, secret),
             Msg::Ping { req } => Msg::Pong { req },
             Msg::Admin { req, cmd } => s.admin(req, cmd),
             Msg::RdmaConnect { req, info } => match s.rdma.connect(self.id, &info) {

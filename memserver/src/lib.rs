@@ -26,6 +26,9 @@
 //!   connection keeps working.
 //! - No tenant sees another's bytes: a slab's memory is discarded (reads as zeros) after its grant was
 //!   removed from the grant table and before it is granted again.
+//! - `Renew` and `Release` carry the lease's secret (sent once, in `LeaseGranted`); with a wrong one they
+//!   are answered like an unknown lease (`Unauthorized`) and change nothing, so knowing a lease id (logs
+//!   and events print it) is not enough to end or take over someone else's lease.
 //! - Revocation (shrink, drain) is announced with `RevokeNotice { grace_ms }` to the connection that last
 //!   requested or renewed the lease, and carried out when the grace is over (`Revoked`).
 //! - Every buffer and queue is bounded: frames by `MAX_FRAME_LEN`, per-connection output by a high-water

@@ -48,6 +48,8 @@ pub fn error_reply(req: u64, kind: ErrorKind, message: impl Into<String>) -> Msg
 pub(crate) struct Lease {
     pub(crate) slabs: Vec<SlabId>,
     pub(crate) owner: ConnId,
+    /// What `Renew` and `Release` must carry (sent once, in `LeaseGranted`).
+    pub(crate) secret: u64,
     pub(crate) clock: Arc<LeaseClock>,
 }
 
@@ -284,18 +286,19 @@ impl Shared {
             let grant = Grant { lease: id, epoch: g.cred.epoch, token: g.cred.token, mem, clock: clock.clone() };
             self.grants.insert(g.slab, grant);
         }
-        ctl.leases.insert(id, Lease { slabs: got.iter().map(|g| g.0).collect(), owner: conn, clock });
+        let secret = rand::random::<u64>();
+        ctl.leases.insert(id, Lease { slabs: got.iter().map(|g| g.0).collect(), owner: conn, secret, clock });
         self.counters.leases_granted.fetch_add(1, Relaxed);
         tracing::debug!(lease = %id, slabs = n, conn, "lease granted");
-        Msg::LeaseGranted(LeaseGrant { req, lease: id, expires_in_ms: self.cfg.lease_ms, grants })
+        Msg::LeaseGranted(LeaseGrant { req, lease: id, expires_in_ms: self.cfg.lease_ms, secret, grants })
     }
 
     /// Handle `Renew`: extend the lease and make this connection the one that receives its notices.
-    pub(crate) fn renew(&self, conn: ConnId, req: u64, lease: LeaseId) -> Msg {
+    pub(crate) fn renew(&self, conn: ConnId, req: u64, lease: LeaseId, secret: u64) -> Msg {
         let now = self.now_ms();
         let mut ctl = self.control.lock();
-        let Some(l) = ctl.leases.get_mut(&lease) else {
-            return ctl.not_live(req, lease);
+        let Some(l) = ctl.leases.get_mut(&lease).filter(|l| l.secret == secret) else {
+            return self.refuse_lease_call(&ctl, conn, req, lease, "Renew");
         };
         if l.clock.expired(now) {
             let mut outbox = Outbox::new();
@@ -311,16 +314,27 @@ impl Shared {
     }
 
     /// Handle `Release`.
-    pub(crate) fn release(&self, req: u64, lease: LeaseId) -> Msg {
+    pub(crate) fn release(&self, conn: ConnId, req: u64, lease: LeaseId, secret: u64) -> Msg {
         let mut ctl = self.control.lock();
-        if !ctl.leases.contains_key(&lease) {
-            return ctl.not_live(req, lease);
+        if ctl.leases.get(&lease).is_none_or(|l| l.secret != secret) {
+            return self.refuse_lease_call(&ctl, conn, req, lease, "Release");
         }
         let mut outbox = Outbox::new();
         self.end_lease(&mut ctl, lease, &mut outbox);
         self.counters.leases_released.fetch_add(1, Relaxed);
         // The releasing client asked for it: no Revoked frame.
         Msg::Ack { req }
+    }
+
+    /// The answer to a `Renew` or `Release` of a lease that is not live, or with the wrong secret. A
+    /// wrong secret is answered exactly like an unknown lease (`Unauthorized`): the reply does not say
+    /// whether the lease exists. It is counted and logged.
+    fn refuse_lease_call(&self, ctl: &Control, conn: ConnId, req: u64, lease: LeaseId, what: &str) -> Msg {
+        if ctl.leases.contains_key(&lease) {
+            tracing::info!(conn, %lease, "{what} with a wrong lease secret refused");
+            self.counters.error(ErrorKind::Unauthorized);
+        }
+        ctl.not_live(req, lease)
     }
 
     /// End a lease: revoke every slab it holds; queues `Revoked` for its owner in `outbox` when given.

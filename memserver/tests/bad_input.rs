@@ -3,6 +3,7 @@
 mod common;
 
 use std::net::Shutdown;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use common::*;
@@ -181,10 +182,10 @@ fn bad_lease_requests_get_errors_and_the_connection_stays() {
     let r = ctl.call(Msg::LeaseRequest { req, slabs: 1, flags: wire::LEASE_FLAG_RDMA });
     assert!(matches!(r, Msg::ErrorReply { kind: ErrorKind::Unsupported, .. }), "{r:?}");
     let req = ctl.req();
-    let r = ctl.call(Msg::Renew { req, lease: LeaseId(42) });
+    let r = ctl.call(Msg::Renew { req, lease: LeaseId(42), secret: 0 });
     assert!(matches!(r, Msg::ErrorReply { kind: ErrorKind::Unauthorized, .. }), "{r:?}");
     let req = ctl.req();
-    let r = ctl.call(Msg::Release { req, lease: LeaseId(42) });
+    let r = ctl.call(Msg::Release { req, lease: LeaseId(42), secret: 0 });
     assert!(matches!(r, Msg::ErrorReply { kind: ErrorKind::Unauthorized, .. }), "{r:?}");
     let req = ctl.req();
     assert_eq!(ctl.call(Msg::Ping { req }), Msg::Pong { req });
@@ -197,4 +198,51 @@ fn silent_client_is_closed_after_the_handshake_timeout() {
     let mut silent = Raw::connect_bare(server.local_addr());
     expect_protocol_close(&mut silent, "no Hello within 100 ms");
     witness(server.local_addr(), RemoteAddr::in_grant(&g.grants[0], 0));
+}
+
+/// `Renew` and `Release` must carry the lease's secret. With a wrong one, from another client or from
+/// the owner, they are answered exactly like an unknown lease, counted, and change nothing: the lease
+/// lives on, its notices still go to its owner, and the owner can renew and release it.
+#[test]
+fn a_wrong_lease_secret_is_refused_like_an_unknown_lease() {
+    let (server, mut owner, g) = one_slab(config().with_lease_ms(400));
+    let mut other = Raw::connect(server.local_addr());
+    for (who, ctl) in [("another client", &mut other), ("the owner", &mut owner)] {
+        let req = ctl.req();
+        let renew = ctl.call(Msg::Renew { req, lease: g.lease, secret: g.secret ^ 1 });
+        let req = ctl.req();
+        let release = ctl.call(Msg::Release { req, lease: g.lease, secret: g.secret.wrapping_add(7) });
+        for r in [renew, release] {
+            match r {
+                Msg::ErrorReply { kind: ErrorKind::Unauthorized, message, .. } => {
+                    assert_eq!(message, format!("unknown lease {}", g.lease), "{who}: must not reveal the lease");
+                }
+                other => panic!("{who}: a wrong secret must be refused, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(server.stats().errors_of(ErrorKind::Unauthorized), 4);
+    let at = RemoteAddr::in_grant(&g.grants[0], 0);
+    let mut t = transport(server.local_addr());
+    // Still live past its first duration, renewed by its owner with the right secret.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(200));
+        let req = owner.req();
+        let r = owner.call(Msg::Renew { req, lease: g.lease, secret: g.secret });
+        assert!(matches!(r, Msg::Renewed { .. }), "{r:?}");
+    }
+    assert_eq!(t.fetch_add(at, 1).unwrap(), 0, "the lease outlived its first 400 ms");
+    // Its notices still go to the owner: the wrong-secret renewal from `other` did not take it over.
+    let req = other.req();
+    let r = other.call(Msg::Admin { req, cmd: wire::AdminCmd::Shrink { slabs: 16, grace_ms: 60_000 } });
+    assert!(matches!(r, Msg::AdminReply { .. }), "{r:?}");
+    let notice = owner.recv_within(Duration::from_secs(5));
+    assert!(
+        matches!(notice, Some(Msg::RevokeNotice { lease, .. }) if lease == g.lease),
+        "the owner's notice: {notice:?}"
+    );
+    assert!(other.recv_within(Duration::from_millis(200)).is_none(), "another client got a notice");
+    let req = owner.req();
+    assert_eq!(owner.call(Msg::Release { req, lease: g.lease, secret: g.secret }), Msg::Ack { req });
+    assert_eq!(err_kind(t.fetch_add(at, 1)), ErrorKind::Revoked);
 }

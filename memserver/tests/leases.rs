@@ -35,7 +35,7 @@ fn expired_lease_denies_access_and_is_reclaimed() {
     assert_eq!((s.slabs_granted, s.slabs_free, s.slabs_total, s.leases_active), (0, 16, 16, 0));
     assert_eq!(s.leases_expired, 1);
     let req = ctl.req();
-    let r = ctl.call(Msg::Renew { req, lease: g.lease });
+    let r = ctl.call(Msg::Renew { req, lease: g.lease, secret: g.secret });
     assert!(matches!(r, Msg::ErrorReply { kind: ErrorKind::Revoked, .. }), "renewing an ended lease: {r:?}");
     assert_eq!(err_kind(t.read(at, &mut buf)), ErrorKind::Revoked, "still denied after reclaim");
 }
@@ -49,7 +49,7 @@ fn renewal_keeps_a_lease_alive() {
     let mut n = 0;
     while start.elapsed() < Duration::from_millis(600) {
         let req = ctl.req();
-        match ctl.call(Msg::Renew { req, lease: g.lease }) {
+        match ctl.call(Msg::Renew { req, lease: g.lease, secret: g.secret }) {
             Msg::Renewed { req: r, lease, expires_in_ms } => {
                 assert_eq!((r, lease, expires_in_ms), (req, g.lease, 300));
             }
@@ -72,7 +72,7 @@ fn regranted_slab_reads_zeros(backing: Backing) {
         t.write(RemoteAddr::in_grant(g, 0), &secret).unwrap();
     }
     let req = a.req();
-    assert_eq!(a.call(Msg::Release { req, lease: ga.lease }), Msg::Ack { req });
+    assert_eq!(a.call(Msg::Release { req, lease: ga.lease, secret: ga.secret }), Msg::Ack { req });
     let mut b = Raw::connect(server.local_addr());
     let gb = b.lease(2);
     let mut back = vec![1u8; 1 << 20];
@@ -86,7 +86,7 @@ fn regranted_slab_reads_zeros(backing: Backing) {
         assert_eq!(err_kind(t.read(RemoteAddr::in_grant(old, 0), &mut back[..8])), ErrorKind::Revoked);
     }
     let req = a.req();
-    let r = a.call(Msg::Release { req, lease: ga.lease });
+    let r = a.call(Msg::Release { req, lease: ga.lease, secret: ga.secret });
     assert!(matches!(r, Msg::ErrorReply { kind: ErrorKind::Revoked, .. }), "double release: {r:?}");
     assert_eq!(server.stats().leases_released, 1);
 }
@@ -115,7 +115,7 @@ fn expired_slabs_return_to_the_free_pool_and_stats_add_up() {
     let deadline = Instant::now() + Duration::from_millis(1000);
     while Instant::now() < deadline {
         let req = keep.req();
-        assert!(matches!(keep.call(Msg::Renew { req, lease: kept.lease }), Msg::Renewed { .. }));
+        assert!(matches!(keep.call(Msg::Renew { req, lease: kept.lease, secret: kept.secret }), Msg::Renewed { .. }));
         std::thread::sleep(Duration::from_millis(20));
     }
     let s = server.stats();

@@ -53,7 +53,7 @@ fn a_released_mapping_reads_zeros_not_the_next_tenants_data() {
     let old = map(&hello, &a.grants[0]);
     old.region().write_at(0, &[0xA1; 8192]).unwrap();
     let req = ctl.req();
-    assert!(matches!(ctl.call(Msg::Release { req, lease: a.lease }), Msg::Ack { .. }));
+    assert!(matches!(ctl.call(Msg::Release { req, lease: a.lease, secret: a.secret }), Msg::Ack { .. }));
     assert!(all_zero(&old, 8192), "revoke punched the grant's pages out");
 
     // The same slab, re-granted over shm to another tenant who writes a secret.
@@ -72,7 +72,7 @@ fn a_released_mapping_reads_zeros_not_the_next_tenants_data() {
 
     // And re-granted over TCP (the pool region): still zeros through the old mapping.
     let req = ctl2.req();
-    assert!(matches!(ctl2.call(Msg::Release { req, lease: b.lease }), Msg::Ack { .. }));
+    assert!(matches!(ctl2.call(Msg::Release { req, lease: b.lease, secret: b.secret }), Msg::Ack { .. }));
     let c = ctl2.lease(1);
     transport(server.local_addr()).write(RemoteAddr::in_grant(&c.grants[0], 0), &[0x77; 8192]).unwrap();
     assert!(all_zero(&old, 8192));

@@ -179,8 +179,14 @@ fn encode_body(msg: &Msg, out: &mut BytesMut) {
             out.put_u32_le(*slabs);
             out.put_u32_le(*flags);
         }
-        Msg::Renew { req, lease } => req_lease(out, tag::RENEW, *req, *lease),
-        Msg::Release { req, lease } => req_lease(out, tag::RELEASE, *req, *lease),
+        Msg::Renew { req, lease, secret } => {
+            req_lease(out, tag::RENEW, *req, *lease);
+            out.put_u64_le(*secret);
+        }
+        Msg::Release { req, lease, secret } => {
+            req_lease(out, tag::RELEASE, *req, *lease);
+            out.put_u64_le(*secret);
+        }
         Msg::Op(_) => unreachable!("handled in encode"),
         Msg::Admin { req, cmd } => {
             out.put_u8(tag::ADMIN);
@@ -211,6 +217,7 @@ fn encode_body(msg: &Msg, out: &mut BytesMut) {
             out.put_u64_le(g.req);
             out.put_u64_le(g.lease.0);
             out.put_u64_le(g.expires_in_ms);
+            out.put_u64_le(g.secret);
             out.put_u32_le(g.grants.len() as u32);
             for s in &g.grants {
                 out.put_u32_le(s.slab.0);
@@ -408,8 +415,8 @@ impl Reader {
                 Msg::Hello { magic: self.u32()?, version: self.u16()?, host_id: self.string()?, name: self.string()? }
             }
             tag::LEASE_REQUEST => Msg::LeaseRequest { req: self.u64()?, slabs: self.u32()?, flags: self.u32()? },
-            tag::RENEW => Msg::Renew { req: self.u64()?, lease: LeaseId(self.u64()?) },
-            tag::RELEASE => Msg::Release { req: self.u64()?, lease: LeaseId(self.u64()?) },
+            tag::RENEW => Msg::Renew { req: self.u64()?, lease: LeaseId(self.u64()?), secret: self.u64()? },
+            tag::RELEASE => Msg::Release { req: self.u64()?, lease: LeaseId(self.u64()?), secret: self.u64()? },
             tag::OP => Msg::Op(self.op()?),
             tag::ADMIN => self.admin()?,
             tag::PING => Msg::Ping { req: self.u64()? },
@@ -487,11 +494,12 @@ impl Reader {
         let req = self.u64()?;
         let lease = LeaseId(self.u64()?);
         let expires_in_ms = self.u64()?;
+        let secret = self.u64()?;
         let n = self.count(4 + 8 + 36)?;
         let grants = (0..n)
             .map(|_| Ok(SlabGrant { slab: SlabId(self.u32()?), len: self.u64()?, cred: self.cred()? }))
             .collect::<Result<_>>()?;
-        Ok(Msg::LeaseGranted(LeaseGrant { req, lease, expires_in_ms, grants }))
+        Ok(Msg::LeaseGranted(LeaseGrant { req, lease, expires_in_ms, secret, grants }))
     }
 
     fn op_done(&mut self) -> Result<OpDone> {

@@ -19,7 +19,7 @@ pub use msg::*;
 /// Protocol magic, first field of [`Msg::Hello`]: ASCII `FRPL`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FRPL");
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest payload of one READ or WRITE operation. Larger transfers are split by the client.
 pub const MAX_OP_LEN: u32 = 1 << 20;
 /// Largest frame body accepted: one maximal WRITE plus headroom for its header.

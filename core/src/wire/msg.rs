@@ -137,6 +137,9 @@ pub struct LeaseGrant {
     pub lease: LeaseId,
     /// Milliseconds until expiry unless renewed.
     pub expires_in_ms: u64,
+    /// The lease's secret: `Renew` and `Release` must carry it (the lease id alone, which logs and
+    /// events print, proves nothing).
+    pub secret: u64,
     /// The slabs.
     pub grants: Vec<SlabGrant>,
 }
@@ -195,6 +198,8 @@ pub enum Msg {
         req: u64,
         /// Which lease.
         lease: LeaseId,
+        /// The lease's secret, from its `LeaseGranted`.
+        secret: u64,
     },
     /// Give a lease back.
     Release {
@@ -202,6 +207,8 @@ pub enum Msg {
         req: u64,
         /// Which lease.
         lease: LeaseId,
+        /// The lease's secret, from its `LeaseGranted`.
+        secret: u64,
     },
     /// A one-sided operation.
     Op(OpReq),

@@ -66,7 +66,7 @@ impl Ctrl {
     }
 
     fn release(&mut self, g: &LeaseGrant) -> anyhow::Result<()> {
-        self.call(|req| Msg::Release { req, lease: g.lease })?;
+        self.call(|req| Msg::Release { req, lease: g.lease, secret: g.secret })?;
         Ok(())
     }
 }

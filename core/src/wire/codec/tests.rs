@@ -45,7 +45,16 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
             slabs,
             flags
         }),
-        (any::<u64>(), any::<u64>()).prop_map(|(req, l)| Msg::Renew { req, lease: LeaseId(l) }),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(req, l, secret)| Msg::Renew {
+            req,
+            lease: LeaseId(l),
+            secret
+        }),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(req, l, secret)| Msg::Release {
+            req,
+            lease: LeaseId(l),
+            secret
+        }),
         (any::<u64>(), any::<u32>(), any::<u64>(), arb_cred(), arb_op()).prop_map(|(id, slab, offset, cred, op)| {
             Msg::Op(OpReq { id, addr: RemoteAddr { slab: SlabId(slab), offset, cred }, op })
         }),
@@ -55,12 +64,14 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
             any::<u64>(),
             any::<u64>(),
             any::<u64>(),
+            any::<u64>(),
             prop::collection::vec((any::<u32>(), any::<u64>(), arb_cred()), 0..5)
         )
-            .prop_map(|(req, l, e, g)| Msg::LeaseGranted(LeaseGrant {
+            .prop_map(|(req, l, e, secret, g)| Msg::LeaseGranted(LeaseGrant {
                 req,
                 lease: LeaseId(l),
                 expires_in_ms: e,
+                secret,
                 grants: g.into_iter().map(|(s, len, cred)| SlabGrant { slab: SlabId(s), len, cred }).collect(),
             })),
         (any::<u64>(), arb_bytes()).prop_map(|(id, b)| Msg::OpDone(OpDone { id, result: Ok(OpResult::Data(b)) })),
