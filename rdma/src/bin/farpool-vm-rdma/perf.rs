@@ -118,12 +118,12 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
         if op == PerfOp::Mix {
             return mix(a, &mut t, &mut buf, at, addr);
         }
-        let stamps =
+        let (stamps, mhz) =
             timed(a, |i| t.run_one(WorkRequest { wr_id: i as u64, addr, op: OpKind::Read { len: size } }).map(drop))?;
-        report(a, &stamps);
+        report(a, &stamps, mhz);
         return Ok(());
     }
-    let stamps = timed(a, |i| {
+    let (stamps, mhz) = timed(a, |i| {
         match op {
             PerfOp::Read => c.ep.read_into(&mut buf, 0, size, at)?,
             PerfOp::ReadStaged => drop(c.ep.read(at, size)?),
@@ -142,7 +142,7 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
         }
         Ok(())
     })?;
-    report(a, &stamps);
+    report(a, &stamps, mhz);
     Ok(())
 }
 
@@ -155,9 +155,10 @@ fn mix(a: &PerfArgs, t: &mut RdmaTransport, buf: &mut LocalBuffer, at: Remote, a
     let block = PerfArgs { iters: (a.iters / BLOCKS).max(10), ..*a };
     let mut placed = vec![0u8; size as usize];
     let mut samples: [Vec<u64>; 4] = Default::default();
+    let mut mhz = None;
     for _ in 0..BLOCKS {
         for (v, out) in samples.iter_mut().enumerate() {
-            let stamps = timed(&block, |i| {
+            let (stamps, rate) = timed(&block, |i| {
                 match v {
                     0 => t.endpoint_mut().read_into(buf, 0, size, at)?,
                     1 => t.read(addr, &mut placed)?,
@@ -167,10 +168,11 @@ fn mix(a: &PerfArgs, t: &mut RdmaTransport, buf: &mut LocalBuffer, at: Remote, a
                 Ok(())
             })?;
             out.extend(stamps.windows(2).map(|w| w[1] - w[0]));
+            mhz = rate;
         }
     }
     for (name, s) in NAMES.iter().zip(samples) {
-        report_samples(&format!("mix:{name}"), a, s.into_iter().map(|ns| ns as f64 / 1e3).collect());
+        report_samples(&format!("mix:{name}"), a, s.into_iter().map(|ns| ns as f64 / 1e3).collect(), mhz);
     }
     Ok(())
 }
@@ -179,7 +181,7 @@ fn mix(a: &PerfArgs, t: &mut RdmaTransport, buf: &mut LocalBuffer, at: Remote, a
 /// cycle-counter read per iteration (`CycleClock`; `--clock-instant` for `Instant`), before the
 /// operation; a sample is the distance between two consecutive reads (the whole post + wait loop).
 /// Returns the `a.iters + 1` readings of the measured part, in nanoseconds.
-fn timed(a: &PerfArgs, mut op: impl FnMut(usize) -> Result<()>) -> Result<Vec<u64>> {
+fn timed(a: &PerfArgs, mut op: impl FnMut(usize) -> Result<()>) -> Result<(Vec<u64>, Option<f64>)> {
     let (iters, warmup) = (a.iters, (a.iters / 10).clamp(10, 1000));
     let mut stamps = Vec::with_capacity(iters + 1);
     let clock = CycleClock::start(a.tsc);
@@ -192,24 +194,23 @@ fn timed(a: &PerfArgs, mut op: impl FnMut(usize) -> Result<()>) -> Result<Vec<u6
         }
         op(i)?;
     }
-    if let Some(mhz) = clock.mhz() {
-        eprintln!("cycle counter: {mhz:.1} MHz against the monotonic clock");
-    }
+    let mhz = clock.mhz();
     clock.to_ns(&mut stamps);
-    Ok(stamps)
+    Ok((stamps, mhz))
 }
 
 /// Print the `lat ...` line of one latency run from its per-iteration clock readings.
-fn report(a: &PerfArgs, stamps_ns: &[u64]) {
-    report_samples(a.op.name(), a, stamps_ns.windows(2).map(|w| (w[1] - w[0]) as f64 / 1e3).collect());
+fn report(a: &PerfArgs, stamps_ns: &[u64], mhz: Option<f64>) {
+    report_samples(a.op.name(), a, stamps_ns.windows(2).map(|w| (w[1] - w[0]) as f64 / 1e3).collect(), mhz);
 }
 
 /// Print one `lat op=NAME ...` line from samples in microseconds.
-fn report_samples(name: &str, a: &PerfArgs, mut samples: Vec<f64>) {
+/// With the cycle counter, `tsc_mhz=` ends the line: its rate against the monotonic clock.
+fn report_samples(name: &str, a: &PerfArgs, mut samples: Vec<f64>, mhz: Option<f64>) {
     samples.sort_by(f64::total_cmp);
     let mean = samples.iter().sum::<f64>() / samples.len() as f64;
     println!(
-        "lat op={} size={} iters={} spin={} verbs={} clock={} min_us={:.2} p50_us={:.2} p99_us={:.2} max_us={:.2} mean_us={mean:.2}",
+        "lat op={} size={} iters={} spin={} verbs={} clock={} min_us={:.2} p50_us={:.2} p99_us={:.2} max_us={:.2} mean_us={mean:.2}{}",
         name,
         a.size,
         samples.len(),
@@ -220,6 +221,7 @@ fn report_samples(name: &str, a: &PerfArgs, mut samples: Vec<f64>) {
         percentile(&samples, 0.5),
         percentile(&samples, 0.99),
         samples[samples.len() - 1],
+        mhz.map(|m| format!(" tsc_mhz={m:.1}")).unwrap_or_default(),
     );
 }
 
