@@ -8,6 +8,7 @@ use std::fmt;
 use std::time::Duration;
 
 use farpool_core::{Error, ErrorKind, Result};
+use farpool_rdma::DeviceSelector;
 
 use crate::Pool;
 
@@ -40,35 +41,6 @@ impl fmt::Display for TransportChoice {
     }
 }
 
-/// Which RDMA device, port and GID this client uses. The default is automatic: the first device with an
-/// active port, that port, and its RoCE v2 IPv4-mapped GID (else the first usable one). A device is
-/// opened once per process per distinct selection.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct RdmaSelect {
-    /// Device name, e.g. `mlx5_0` or `rxe_lo`.
-    pub device: Option<String>,
-    /// Port number, from 1.
-    pub port: Option<u8>,
-    /// GID index (RoCE).
-    pub gid_index: Option<u32>,
-}
-
-impl fmt::Display for RdmaSelect {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if *self == Self::default() {
-            return f.write_str("automatic");
-        }
-        f.write_str(self.device.as_deref().unwrap_or("first active device"))?;
-        if let Some(p) = self.port {
-            write!(f, ", port {p}")?;
-        }
-        if let Some(g) = self.gid_index {
-            write!(f, ", gid index {g}")?;
-        }
-        Ok(())
-    }
-}
-
 /// A validated pool configuration (what [`PoolBuilder::build`] uses).
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
@@ -94,8 +66,10 @@ pub struct PoolConfig {
     pub reconnect_backoff: Duration,
     /// Name sent in the handshake (server logs).
     pub name: String,
-    /// The RDMA device, port and GID (when rdma is negotiated or forced).
-    pub rdma: RdmaSelect,
+    /// The RDMA device, port and GID (when rdma is negotiated or forced); default automatic: the first
+    /// device with an active port and its RoCE v2 IPv4-mapped GID. A device is opened once per process
+    /// per distinct selection.
+    pub rdma: DeviceSelector,
 }
 
 /// Builds a [`Pool`]: `PoolBuilder::new(servers).with_x(..).build()`.
@@ -132,7 +106,7 @@ impl PoolBuilder {
                 idle_endpoints_max: 16,
                 reconnect_backoff: Duration::from_millis(500),
                 name: "farpool-client".into(),
-                rdma: RdmaSelect::default(),
+                rdma: DeviceSelector::new(),
             },
         }
     }
@@ -217,14 +191,14 @@ impl PoolBuilder {
     /// moves on to tcp and says why, a forced `Rdma` fails with `Unsupported`.
     #[must_use]
     pub fn with_rdma_device(mut self, name: impl Into<String>) -> Self {
-        self.cfg.rdma.device = Some(name.into());
+        self.cfg.rdma = std::mem::take(&mut self.cfg.rdma).with_device(name);
         self
     }
 
     /// The RDMA port, from 1. Default: the device's first active port.
     #[must_use]
     pub fn with_rdma_port(mut self, port: u8) -> Self {
-        self.cfg.rdma.port = Some(port);
+        self.cfg.rdma = std::mem::take(&mut self.cfg.rdma).with_port(port);
         self
     }
 
@@ -232,7 +206,7 @@ impl PoolBuilder {
     /// IPv4-mapped GID, else the first usable one.
     #[must_use]
     pub fn with_rdma_gid_index(mut self, index: u32) -> Self {
-        self.cfg.rdma.gid_index = Some(index);
+        self.cfg.rdma = std::mem::take(&mut self.cfg.rdma).with_gid_index(index);
         self
     }
 
@@ -252,10 +226,10 @@ impl PoolBuilder {
         if c.inflight_max == 0 || c.event_capacity == 0 {
             return bad("inflight_max and event_capacity must be non-zero");
         }
-        if c.rdma.device.as_ref().is_some_and(|d| d.trim().is_empty()) {
+        if c.rdma.device().is_some_and(|d| d.trim().is_empty()) {
             return bad("empty RDMA device name");
         }
-        if c.rdma.port == Some(0) {
+        if c.rdma.port() == Some(0) {
             return bad("RDMA ports are numbered from 1");
         }
         Ok(c)
@@ -300,7 +274,7 @@ mod tests {
     #[test]
     fn rdma_selection_is_validated_and_printed() {
         let c = PoolBuilder::default();
-        assert_eq!(c.validate().unwrap().rdma, RdmaSelect::default());
+        assert_eq!(c.validate().unwrap().rdma, DeviceSelector::new());
         assert_eq!(c.validate().unwrap().rdma.to_string(), "automatic");
         let b = PoolBuilder::default().with_rdma_device("rxe_lo").with_rdma_port(1).with_rdma_gid_index(1);
         assert_eq!(b.validate().unwrap().rdma.to_string(), "rxe_lo, port 1, gid index 1");

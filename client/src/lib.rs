@@ -65,11 +65,12 @@ mod fake;
 #[cfg(test)]
 mod tests;
 
-pub use config::{DEFAULT_SERVER, PoolBuilder, PoolConfig, RdmaSelect, TransportChoice};
+pub use config::{DEFAULT_SERVER, PoolBuilder, PoolConfig, TransportChoice};
 pub use endpoint::Endpoint;
 pub use events::PoolEvent;
 pub use farpool_core::wire::AdminCmd;
 pub use farpool_core::{Error, ErrorKind, LeaseId, RemoteAddr, Result, SlabGrant, SlabId, Transport, TransportKind};
+pub use farpool_rdma::DeviceSelector;
 pub use lease::{Lease, LeaseStatus};
 pub use negotiate::{LocalCaps, Negotiated, ServerOffer};
 pub use pool::{AdminReply, Pool, Target};

@@ -12,7 +12,9 @@
 use farpool_core::wire::{FEATURE_RDMA, FEATURE_SHM, FEATURE_TCP, HelloOk};
 use farpool_core::{Error, ErrorKind, Result, TransportKind};
 
-use crate::config::{RdmaSelect, TransportChoice};
+use farpool_rdma::DeviceSelector;
+
+use crate::config::TransportChoice;
 
 /// What this client process can do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,10 +23,9 @@ pub struct LocalCaps {
     pub host_id: String,
     /// Whether a shared-memory transport is built in and usable here.
     pub shm: bool,
-    /// Whether an RDMA transport is built in and a device is present.
-    pub rdma: bool,
-    /// Why `rdma` is false (e.g. "no RDMA device: ..."); empty when it is true.
-    pub rdma_why: String,
+    /// Why RDMA is unusable here (e.g. "no RDMA device: ..."); `None` when an RDMA transport is built
+    /// in and its device opened.
+    pub rdma_unavailable: Option<String>,
 }
 
 impl LocalCaps {
@@ -32,17 +33,15 @@ impl LocalCaps {
     /// [`crate::shm`]); rdma when built with the `rdma` feature and an RDMA device opens (the device is
     /// opened once per process; see `crate::rdma`).
     pub fn detect() -> Self {
-        Self::detect_for(&RdmaSelect::default())
+        Self::detect_for(&DeviceSelector::new())
     }
 
     /// [`LocalCaps::detect`] with this RDMA device selection.
-    pub fn detect_for(rdma: &RdmaSelect) -> Self {
-        let why = crate::rdma::unavailable(rdma);
+    pub fn detect_for(rdma: &DeviceSelector) -> Self {
         Self {
             host_id: farpool_core::tcp::local_host_id(),
             shm: cfg!(target_os = "linux"),
-            rdma: why.is_none(),
-            rdma_why: why.unwrap_or_default(),
+            rdma_unavailable: crate::rdma::unavailable(rdma),
         }
     }
 }
@@ -89,9 +88,8 @@ fn shm_blocker(offer: &ServerOffer, local: &LocalCaps) -> Option<String> {
 }
 
 fn rdma_blocker(offer: &ServerOffer, local: &LocalCaps) -> Option<String> {
-    if !local.rdma {
-        let why = if local.rdma_why.is_empty() { String::new() } else { format!(" ({})", local.rdma_why) };
-        Some(format!("this client has no RDMA transport or device{why}"))
+    if let Some(why) = &local.rdma_unavailable {
+        Some(format!("this client has no RDMA transport or device ({why})"))
     } else if offer.features & FEATURE_RDMA == 0 {
         Some("the server does not offer rdma".into())
     } else {
@@ -111,7 +109,7 @@ fn tcp_blocker(offer: &ServerOffer) -> Option<String> {
 /// use farpool_core::TransportKind;
 /// use farpool_core::wire::{FEATURE_SHM, FEATURE_TCP};
 ///
-/// let local = LocalCaps { host_id: "boot-1".into(), shm: false, rdma: false, rdma_why: "no RDMA device".into() };
+/// let local = LocalCaps { host_id: "boot-1".into(), shm: false, rdma_unavailable: Some("no RDMA device".into()) };
 /// let offer = ServerOffer { features: FEATURE_TCP | FEATURE_SHM, host_id: "boot-1".into() };
 /// let auto = negotiate(TransportChoice::Auto, &offer, &local).unwrap();
 /// assert_eq!(auto.kind, TransportKind::Tcp);
@@ -162,7 +160,7 @@ mod tests {
     }
 
     fn caps(shm: bool, rdma: bool) -> LocalCaps {
-        LocalCaps { host_id: "h1".into(), shm, rdma, rdma_why: if rdma { "" } else { "no RDMA device: test" }.into() }
+        LocalCaps { host_id: "h1".into(), shm, rdma_unavailable: (!rdma).then(|| "no RDMA device: test".into()) }
     }
 
     #[test]

@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use farpool_core::{Result, SlabGrant, Transport};
 use parking_lot::Mutex;
 
-use crate::config::{PoolConfig, RdmaSelect};
+use farpool_rdma::DeviceSelector;
+
+use crate::config::PoolConfig;
 
 /// The RDMA grants of one server's leases, shared by the pool and that server's RDMA endpoints.
 #[derive(Debug, Default)]
@@ -64,7 +66,7 @@ impl GrantBook {
 }
 
 /// Why this process cannot use RDMA with the device `sel` selects, or `None` when it opened.
-pub(crate) fn unavailable(sel: &RdmaSelect) -> Option<String> {
+pub(crate) fn unavailable(sel: &DeviceSelector) -> Option<String> {
     imp::device(sel).err()
 }
 
@@ -84,7 +86,7 @@ mod imp {
     use farpool_core::tcp::{client_handshake, connect_bounded};
     use farpool_core::wire::{self, FrameReader, Msg};
     use farpool_core::{Completion, Error, ErrorKind, OpOutput, RemoteAddr, TransportKind, WorkRequest};
-    use farpool_rdma::{Context, DeviceSelector, Endpoint, EndpointConfig, QpExchange, QpInfo, RdmaTransport};
+    use farpool_rdma::{Context, Endpoint, EndpointConfig, QpExchange, QpInfo, RdmaTransport};
 
     use super::*;
 
@@ -92,27 +94,17 @@ mod imp {
     const SKIP_FRAMES_MAX: usize = 16;
 
     /// Opened devices (or why not), one per distinct selection, for the life of the process.
-    type Opened = HashMap<RdmaSelect, std::result::Result<Arc<Context>, String>>;
+    type Opened = HashMap<DeviceSelector, std::result::Result<Arc<Context>, String>>;
 
     /// The device `sel` selects, opened once per process (a failure is remembered too: discovery
     /// does not change while a process runs, and `auto` negotiation asks on every connect).
-    pub(super) fn device(sel: &RdmaSelect) -> std::result::Result<Arc<Context>, String> {
+    pub(super) fn device(sel: &DeviceSelector) -> std::result::Result<Arc<Context>, String> {
         static DEVICES: OnceLock<Mutex<Opened>> = OnceLock::new();
         let mut opened = DEVICES.get_or_init(Default::default).lock();
         opened
             .entry(sel.clone())
             .or_insert_with(|| {
-                let mut ds = DeviceSelector::new();
-                if let Some(d) = &sel.device {
-                    ds = ds.with_device(d.clone());
-                }
-                if let Some(p) = sel.port {
-                    ds = ds.with_port(p);
-                }
-                if let Some(g) = sel.gid_index {
-                    ds = ds.with_gid_index(g);
-                }
-                let r = Context::open(&ds).map_err(|e| e.to_string());
+                let r = Context::open(sel).map_err(|e| e.to_string());
                 match &r {
                     Ok(c) => tracing::info!(
                         device = c.name(), port = c.port(), gid_index = ?c.gid().map(|g| g.index), selection = %sel,
@@ -246,7 +238,7 @@ mod imp {
 
     const NOT_BUILT: &str = "no RDMA device: the farpool client was built without the `rdma` feature";
 
-    pub(super) fn device(_sel: &RdmaSelect) -> std::result::Result<(), String> {
+    pub(super) fn device(_sel: &DeviceSelector) -> std::result::Result<(), String> {
         Err(NOT_BUILT.to_owned())
     }
 
@@ -284,7 +276,7 @@ mod tests {
     /// naming the reason, never a fallback; auto moves on and says why.
     #[test]
     fn forced_rdma_without_a_device_fails_and_auto_moves_on() {
-        if unavailable(&RdmaSelect::default()).is_none() {
+        if unavailable(&DeviceSelector::new()).is_none() {
             println!("SKIPPED: an RDMA device is present; the no-device path is not reachable");
             return;
         }
@@ -310,7 +302,7 @@ mod tests {
 
     #[test]
     fn without_a_device_rdma_is_unavailable_with_a_reason() {
-        match unavailable(&RdmaSelect::default()) {
+        match unavailable(&DeviceSelector::new()) {
             Some(why) => {
                 assert!(why.contains("no RDMA device"), "{why}");
                 let cfg = crate::PoolBuilder::default().with_connect_timeout_ms(50).with_op_timeout_ms(50);
@@ -327,10 +319,10 @@ mod tests {
     /// and the reason says so (on a host with devices, it names the one asked for and those found).
     #[test]
     fn a_device_named_but_absent_is_unavailable() {
-        let sel = RdmaSelect { device: Some("farpool-no-such-device".into()), ..RdmaSelect::default() };
+        let sel = DeviceSelector::new().with_device("farpool-no-such-device");
         let why = unavailable(&sel).expect("a device that does not exist cannot open");
         assert!(why.contains("no RDMA device"), "{why}");
-        if unavailable(&RdmaSelect::default()).is_none() {
+        if unavailable(&DeviceSelector::new()).is_none() {
             assert!(why.contains("farpool-no-such-device"), "{why}");
         }
         assert_eq!(unavailable(&sel), Some(why), "the outcome is remembered per selection");

@@ -156,7 +156,7 @@ impl fmt::Display for DeviceInfo {
 ///     Err(e) => assert_eq!(e.kind(), ErrorKind::Unsupported),
 /// }
 /// ```
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DeviceSelector {
     device: Option<String>,
     port: Option<u8>,
@@ -194,6 +194,33 @@ impl DeviceSelector {
     /// The device name asked for, if any.
     pub fn device(&self) -> Option<&str> {
         self.device.as_deref()
+    }
+
+    /// The port asked for, if any.
+    pub fn port(&self) -> Option<u8> {
+        self.port
+    }
+
+    /// The GID index asked for, if any.
+    pub fn gid_index(&self) -> Option<u32> {
+        self.gid_index
+    }
+}
+
+impl std::fmt::Display for DeviceSelector {
+    /// `automatic`, or what was asked for: `rxe_lo, port 1, gid index 1`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if *self == Self::default() {
+            return f.write_str("automatic");
+        }
+        f.write_str(self.device.as_deref().unwrap_or("first active device"))?;
+        if let Some(p) = self.port {
+            write!(f, ", port {p}")?;
+        }
+        if let Some(g) = self.gid_index {
+            write!(f, ", gid index {g}")?;
+        }
+        Ok(())
     }
 }
 

@@ -294,7 +294,8 @@ fn check_device_select(a: &Args, srv: &MemServer) -> Result<String> {
         named = named.with_rdma_gid_index(g.parse().context("--gid-index")?);
     }
     let p = named.build()?;
-    ensure!(p.transport_of(0)?.kind == TransportKind::Rdma, "named device: {}", p.transport_of(0)?.reason);
+    let n = p.transport_of(0)?;
+    ensure!(n.kind == TransportKind::Rdma, "named device: {}", n.reason);
     let l = p.lease(0, 1)?;
     l.write(0, 0, b"named")?;
     let mut back = [0u8; 5];
