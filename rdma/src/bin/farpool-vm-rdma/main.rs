@@ -163,14 +163,23 @@ fn run(args: &Args) -> Result<bool> {
             return Ok(true);
         }
     };
-    let server = Server::start(&ctx, SLABS, SLAB_LEN, args.listen.unwrap_or(0))?;
-    if args.listen.is_some() {
-        println!("listening on {}", server.addr());
+    // A client of another process's server (`--connect`) starts no server of its own: the process then
+    // has one thread, as perftest's client has.
+    let server = match args.connect {
+        Some(_) if args.listen.is_none() && (args.lat.is_some() || args.bw.is_some()) => None,
+        _ => Some(Server::start(&ctx, SLABS, SLAB_LEN, args.listen.unwrap_or(0))?),
+    };
+    if let (Some(s), Some(_)) = (&server, args.listen) {
+        println!("listening on {}", s.addr());
         loop {
             std::thread::park();
         }
     }
-    let target = args.connect.unwrap_or(server.addr());
+    let target = match (args.connect, &server) {
+        (Some(addr), _) => addr,
+        (None, Some(s)) => s.addr(),
+        (None, None) => unreachable!("a server is started unless --connect is given"),
+    };
     let perf = |op, size, iters, depth| PerfArgs {
         op,
         size,
@@ -191,7 +200,10 @@ fn run(args: &Args) -> Result<bool> {
         perf::bandwidth(&ctx, target, &a)?;
         return Ok(false);
     }
-    Ok(run_checks(args, &ctx, &server))
+    match &server {
+        Some(s) => Ok(run_checks(args, &ctx, s)),
+        None => unreachable!("checks run only with the in-process server"),
+    }
 }
 
 fn device_check(args: &Args, ctx: &Context) -> Result<String> {
