@@ -12,6 +12,13 @@
 //! On real NICs the two paths cost about the same; `ibv_post_send` and `ibv_poll_cq` are valid on
 //! queue pairs and completion queues created with either verbs API.
 //!
+//! Ordering rule: between a completion and the next doorbell only what the post needs runs (the
+//! checks, the work request); the sequence bookkeeping and the allocation of a copied READ's output
+//! come after `ibv_post_send`, while the device works. On rxe the doorbell (a `write()` on the uverbs
+//! fd) that arrives while the send task is still finishing the previous completion is taken up in the
+//! same run of the task; one that arrives after the task went idle queues new work and wakes a kworker,
+//! ~7 us more per READ in the guest. See BENCHMARKS.md (rdma, session 6).
+//!
 //! Anything unusual leaves this path for the general one, which then owns the operation: a check that
 //! refuses the operation (it is re-run there, to produce the precise error), a staging ring without
 //! room (the 16 KiB scratch buffer serves small staged operations without the ring's lock), a failed
@@ -133,9 +140,6 @@ impl Endpoint {
             }
         };
         let seq = self.next_seq;
-        self.next_seq += 1;
-        self.since_signal = 0;
-        self.sync_done = None;
         let to_record = |local: Local| Record {
             seq,
             wr_id: 0,
@@ -193,6 +197,14 @@ impl Endpoint {
         // until the completion: the caller's buffer is borrowed by the blocking call, and a staging span
         // stays reserved until it is freed after the completion (here or by the general path).
         let ret = unsafe { sys::ibv_post_send(qp, &mut wr, &mut bad) };
+        // Bookkeeping after the doorbell, not before it (see the module docs: the time from one
+        // completion to the next post is what decides Soft-RoCE's latency mode).
+        self.next_seq += 1;
+        self.since_signal = 0;
+        self.sync_done = None;
+        // A copied READ's output buffer is allocated while the device works, not after the completion.
+        let mut out_buf = (kind == Kind::Read && into.is_none() && matches!(staged, Staged::Scratch))
+            .then(|| Vec::with_capacity(len as usize));
         if ret != 0 {
             self.records.push_back(to_record(local_of()));
             let err =
@@ -262,7 +274,13 @@ impl Endpoint {
                 buf.copy_from_slice(got());
                 Output::Placed
             }
-            (Kind::Read, None) => Output::Read(Bytes::copy_from_slice(got())),
+            (Kind::Read, None) => Output::Read(match out_buf.take() {
+                Some(mut v) => {
+                    v.extend_from_slice(got());
+                    Bytes::from(v)
+                }
+                None => Bytes::copy_from_slice(got()),
+            }),
             // The NIC writes the old value in host byte order.
             _ => Output::Atomic(u64::from_ne_bytes(got()[..8].try_into().expect("atomics are 8 bytes"))),
         };
