@@ -274,13 +274,12 @@ impl Endpoint {
                 buf.copy_from_slice(got());
                 Output::Placed
             }
-            (Kind::Read, None) => Output::Read(match out_buf.take() {
-                Some(mut v) => {
-                    v.extend_from_slice(got());
-                    Bytes::from(v)
-                }
-                None => Bytes::copy_from_slice(got()),
-            }),
+            (Kind::Read, None) => {
+                // (Only the scratch buffer gets here: staging spans returned above.)
+                let mut v = out_buf.take().unwrap_or_default();
+                v.extend_from_slice(got());
+                Output::Read(Bytes::from(v))
+            }
             // The NIC writes the old value in host byte order.
             _ => Output::Atomic(u64::from_ne_bytes(got()[..8].try_into().expect("atomics are 8 bytes"))),
         };

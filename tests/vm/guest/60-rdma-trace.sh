@@ -41,9 +41,10 @@ else
   echo "rdma-trace: no kprobe on rxe_cq_post; CQE-to-post times left out"
 fi
 
-# Summarize one recording: $1 = the measured process's comm. Prints "posts during react_median_us".
+# Summarize one recording, as `perf script` printed it ($1), for the process named $2. Prints
+# "posts during react_median_us".
 summarize() {
-  perf script --ns -i /tmp/rdma-trace.data -F comm,tid,cpu,time,event,trace 2>/dev/null | awk -v who="$1" '
+  awk -v who="$2" '
     {
       t = -1
       for (i = 1; i < NF; i++) if ($i ~ /^[0-9]+\.[0-9]+:$/) { t = substr($i, 1, length($i) - 1) * 1e6; ev = $(i + 1); break }
@@ -56,7 +57,7 @@ summarize() {
         if (cq > 0) { print "R", t - cq; cq = 0 }
       }
     }
-    END { print "S", posts + 0, during + 0 }' >/tmp/rdma-trace.sum
+    END { print "S", posts + 0, during + 0 }' "$1" >/tmp/rdma-trace.sum
   set -- $(awk '$1 == "S" { print $2, $3 }' /tmp/rdma-trace.sum)
   local med
   med=$(awk '$1 == "R" { print $2 }' /tmp/rdma-trace.sum | sort -n | awk '{ v[NR] = $1 } END { if (NR) printf "%.1f", v[int((NR + 1) / 2)]; else print "-" }')
@@ -72,7 +73,7 @@ trace() {
   timeout 30 perf record -q -m 1024 -a "${EV[@]}" -o /tmp/rdma-trace.data -- sleep 0.1 >/dev/null 2>&1
   kill $pid 2>/dev/null; wait $pid 2>/dev/null
   perf script --ns -i /tmp/rdma-trace.data -F comm,tid,cpu,time,event,trace >"$OUT/rdma-trace-$name.txt" 2>/dev/null
-  set -- $(summarize "$comm")
+  set -- $(summarize "$OUT/rdma-trace-$name.txt" "$comm")
   echo "rdma-trace: $name: $1 posts, $2 reached a running rxe work item, CQE-to-post median ${3} us"
   FIG="$FIG; $name $2/$1 posts into a running task, CQE->post ${3} us"
   [ "${1:-0}" -gt 0 ] || BAD="$BAD $name"

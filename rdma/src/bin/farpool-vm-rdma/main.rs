@@ -163,23 +163,27 @@ fn run(args: &Args) -> Result<bool> {
             return Ok(true);
         }
     };
+    let perf_mode = args.lat.is_some() || args.bw.is_some();
     // A client of another process's server (`--connect`) starts no server of its own: the process then
     // has one thread, as perftest's client has.
-    let server = match args.connect {
-        Some(_) if args.listen.is_none() && (args.lat.is_some() || args.bw.is_some()) => None,
-        _ => Some(Server::start(&ctx, SLABS, SLAB_LEN, args.listen.unwrap_or(0))?),
-    };
-    if let (Some(s), Some(_)) = (&server, args.listen) {
-        println!("listening on {}", s.addr());
+    if let (Some(addr), None, true) = (args.connect, args.listen, perf_mode) {
+        return perf_run(args, &ctx, addr);
+    }
+    let server = Server::start(&ctx, SLABS, SLAB_LEN, args.listen.unwrap_or(0))?;
+    if args.listen.is_some() {
+        println!("listening on {}", server.addr());
         loop {
             std::thread::park();
         }
     }
-    let target = match (args.connect, &server) {
-        (Some(addr), _) => addr,
-        (None, Some(s)) => s.addr(),
-        (None, None) => unreachable!("a server is started unless --connect is given"),
-    };
+    if perf_mode {
+        return perf_run(args, &ctx, args.connect.unwrap_or(server.addr()));
+    }
+    Ok(run_checks(args, &ctx, &server))
+}
+
+/// `--lat` or `--bw` against the server at `target`.
+fn perf_run(args: &Args, ctx: &Arc<Context>, target: std::net::SocketAddr) -> Result<bool> {
     let perf = |op, size, iters, depth| PerfArgs {
         op,
         size,
@@ -192,18 +196,12 @@ fn run(args: &Args) -> Result<bool> {
     if let Some(op) = args.lat {
         // Send queue depth 1 by default, as perftest's latency tests (ib_read_lat: "TX depth: 1").
         let a = perf(op, args.size.unwrap_or(8), args.iters.unwrap_or(1000), args.depth.unwrap_or(1));
-        perf::latency(&ctx, target, &a)?;
-        return Ok(false);
-    }
-    if let Some(op) = args.bw {
+        perf::latency(ctx, target, &a)?;
+    } else if let Some(op) = args.bw {
         let a = perf(op, args.size.unwrap_or(65536), args.iters.unwrap_or(2000), args.depth.unwrap_or(16));
-        perf::bandwidth(&ctx, target, &a)?;
-        return Ok(false);
+        perf::bandwidth(ctx, target, &a)?;
     }
-    match &server {
-        Some(s) => Ok(run_checks(args, &ctx, s)),
-        None => unreachable!("checks run only with the in-process server"),
-    }
+    Ok(false)
 }
 
 fn device_check(args: &Args, ctx: &Context) -> Result<String> {
