@@ -17,6 +17,7 @@ use farpool_core::tcp::{TcpOptions, TcpTransport};
 use farpool_core::wire::MAX_OP_LEN;
 use farpool_core::{Error, ErrorKind, OpKind, OpOutput, Result, Transport, TransportKind, WorkRequest};
 
+use crate::arena::ArenaSlice;
 use crate::lease::Lease;
 
 /// Connect a data transport of `kind` to the server at `addr`.
@@ -115,6 +116,7 @@ impl Endpoint {
         r
     }
 
+    #[inline]
     fn same_server(&self, lease: &Lease) -> Result<()> {
         if lease.server() != self.server {
             return Err(Error::new(
@@ -143,6 +145,34 @@ impl Endpoint {
         self.same_server(lease)?;
         let addr = lease.addr(grant, offset, data.len() as u64)?;
         let r = self.transport.write(addr, data);
+        self.track(r)
+    }
+
+    /// Read `dst.len()` bytes at `offset` of grant `grant` of `lease` into `dst`, a slice of an
+    /// [`Arena`](crate::Arena): over rdma with a registered arena the NIC places them there with no
+    /// copy; otherwise as [`read`](Self::read).
+    pub fn read_into(&mut self, lease: &Lease, grant: usize, offset: u64, dst: &mut ArenaSlice<'_>) -> Result<()> {
+        self.same_server(lease)?;
+        let (buf, reg) = dst.parts();
+        let addr = lease.addr(grant, offset, buf.len() as u64)?;
+        let r = match reg {
+            Some(reg) => self.transport.read_registered(addr, buf, reg),
+            None => self.transport.read(addr, buf),
+        };
+        self.track(r)
+    }
+
+    /// Write `src` (a slice of an [`Arena`](crate::Arena)) at `offset` of grant `grant` of `lease`: over
+    /// rdma with a registered arena the NIC sends it from there with no copy; otherwise as
+    /// [`write`](Self::write).
+    pub fn write_from(&mut self, lease: &Lease, grant: usize, offset: u64, src: &ArenaSlice<'_>) -> Result<()> {
+        self.same_server(lease)?;
+        let (data, reg) = src.shared_parts();
+        let addr = lease.addr(grant, offset, data.len() as u64)?;
+        let r = match reg {
+            Some(reg) => self.transport.write_registered(addr, data, reg),
+            None => self.transport.write(addr, data),
+        };
         self.track(r)
     }
 

@@ -48,6 +48,7 @@
 //! before they are sent, and again by the server.
 #![forbid(unsafe_code)]
 
+pub mod arena;
 pub mod config;
 mod control;
 pub mod endpoint;
@@ -65,6 +66,7 @@ mod fake;
 #[cfg(test)]
 mod tests;
 
+pub use arena::{Arena, ArenaSlice};
 pub use config::{DEFAULT_SERVER, PoolBuilder, PoolConfig, TransportChoice};
 pub use endpoint::Endpoint;
 pub use events::PoolEvent;

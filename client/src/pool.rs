@@ -24,6 +24,7 @@ use farpool_core::wire::{AdminCmd, HelloOk, LEASE_FLAG_RDMA, LEASE_FLAG_SHM, Msg
 use farpool_core::{Error, ErrorKind, LeaseId, Result, TransportKind};
 use parking_lot::Mutex;
 
+use crate::arena::{Arena, Source};
 use crate::config::PoolConfig;
 use crate::control::{ConnEvent, ControlConn};
 use crate::endpoint::{Endpoint, connect_transport};
@@ -569,6 +570,20 @@ impl Pool {
             Msg::AdminReply { stats, text, .. } => Ok(AdminReply { stats, text }),
             other => Err(Error::new(ErrorKind::Protocol, format!("admin answered with {other:?}"))),
         }
+    }
+
+    /// A zeroed, page-aligned [`Arena`] of `len` bytes for zero-copy reads and writes: registered with
+    /// the client's RDMA device when the pool may use rdma and the device opens, plain memory otherwise
+    /// (see [`crate::arena`]). `Config` for 0 bytes; a failed registration is an error with its reason
+    /// (e.g. `ulimit -l` too low), not a silent fallback.
+    pub fn arena(&self, len: usize) -> Result<Arena> {
+        Arena::new(self.config(), Source::Zeroed(len))
+    }
+
+    /// [`arena`](Self::arena) over the caller's memory (e.g. a buffer manager's frames); the memory comes
+    /// back, deregistered, with [`Arena::into_box`].
+    pub fn arena_from(&self, mem: Box<[u8]>) -> Result<Arena> {
+        Arena::new(self.config(), Source::Caller(mem))
     }
 
     /// The configuration the pool was built with.

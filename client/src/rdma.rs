@@ -70,6 +70,10 @@ pub(crate) fn unavailable(sel: &DeviceSelector) -> Option<String> {
     imp::device(sel).err()
 }
 
+/// The opened device `sel` selects (once per process), or why it cannot open.
+#[cfg(feature = "rdma")]
+pub(crate) use imp::device;
+
 /// Connect an RDMA data endpoint, on the device `cfg.rdma` selects, to the server at `addr`.
 pub(crate) fn connect(addr: &str, cfg: &PoolConfig, book: Arc<GrantBook>) -> Result<Box<dyn Transport>> {
     imp::connect(addr, cfg, book)
@@ -98,7 +102,7 @@ mod imp {
 
     /// The device `sel` selects, opened once per process (a failure is remembered too: discovery
     /// does not change while a process runs, and `auto` negotiation asks on every connect).
-    pub(super) fn device(sel: &DeviceSelector) -> std::result::Result<Arc<Context>, String> {
+    pub(crate) fn device(sel: &DeviceSelector) -> std::result::Result<Arc<Context>, String> {
         static DEVICES: OnceLock<Mutex<Opened>> = OnceLock::new();
         let mut opened = DEVICES.get_or_init(Default::default).lock();
         opened
@@ -226,6 +230,14 @@ mod imp {
         fn write(&mut self, addr: RemoteAddr, data: &[u8]) -> Result<()> {
             self.sync();
             self.t.write(addr, data)
+        }
+        fn read_registered(&mut self, addr: RemoteAddr, buf: &mut [u8], reg: &dyn std::any::Any) -> Result<()> {
+            self.sync();
+            self.t.read_registered(addr, buf, reg)
+        }
+        fn write_registered(&mut self, addr: RemoteAddr, data: &[u8], reg: &dyn std::any::Any) -> Result<()> {
+            self.sync();
+            self.t.write_registered(addr, data, reg)
         }
     }
 }

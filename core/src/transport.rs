@@ -6,6 +6,7 @@
 //! Blocking conveniences ([`Transport::read`], [`Transport::write`], ...) sit on top as default methods;
 //! [`AsyncTransport`] offers them to tokio code. One endpoint per thread: endpoints are `Send`, not shared.
 
+use std::any::Any;
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -149,6 +150,23 @@ pub trait Transport: Send {
         write_chunked(self, addr, data)
     }
 
+    /// [`read`](Self::read) into `buf`, a range of caller memory that may be registered with this
+    /// transport's device: `reg` is the registration's token (the client's `Arena` passes it; for the
+    /// rdma transport an `Arc<farpool_rdma::Registration>`). A transport that recognizes the token
+    /// places the bytes straight into `buf` (zero copy, as perftest reads into its registered buffer);
+    /// any other token, and every other transport, reads as `read` does (the default).
+    fn read_registered(&mut self, addr: RemoteAddr, buf: &mut [u8], reg: &dyn Any) -> Result<()> {
+        let _ = reg;
+        self.read(addr, buf)
+    }
+
+    /// [`write`](Self::write) of `data` from registered caller memory; see
+    /// [`read_registered`](Self::read_registered).
+    fn write_registered(&mut self, addr: RemoteAddr, data: &[u8], reg: &dyn Any) -> Result<()> {
+        let _ = reg;
+        self.write(addr, data)
+    }
+
     /// Compare-and-swap the u64 at `addr`; returns the old value (equal to `expect` iff it swapped).
     fn compare_swap(&mut self, addr: RemoteAddr, expect: u64, new: u64) -> Result<u64> {
         atomic_value(self.run_one(WorkRequest { wr_id: 0, addr, op: OpKind::CompareSwap { expect, new } })?)
@@ -281,6 +299,12 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn write(&mut self, addr: RemoteAddr, data: &[u8]) -> Result<()> {
         (**self).write(addr, data)
+    }
+    fn read_registered(&mut self, addr: RemoteAddr, buf: &mut [u8], reg: &dyn Any) -> Result<()> {
+        (**self).read_registered(addr, buf, reg)
+    }
+    fn write_registered(&mut self, addr: RemoteAddr, data: &[u8], reg: &dyn Any) -> Result<()> {
+        (**self).write_registered(addr, data, reg)
     }
     fn compare_swap(&mut self, addr: RemoteAddr, expect: u64, new: u64) -> Result<u64> {
         (**self).compare_swap(addr, expect, new)

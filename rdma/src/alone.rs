@@ -191,6 +191,7 @@ impl Endpoint {
                 wr.wr.atomic = sys::atomic_t { remote_addr: remote.addr, compare_add: add, swap: 0, rkey: remote.rkey };
             }
         }
+        crate::clock::probe::post();
         let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
         // SAFETY: `qp` is live (above); the work request and its SGE live on this stack frame for the
         // call; the local range is registered (checked above, or a fresh staging span) and stays valid
@@ -221,6 +222,7 @@ impl Endpoint {
             // SAFETY: `cq` is live (above); `wc` has room for the one entry asked for.
             let n = unsafe { sys::ibv_poll_cq(cq, 1, &mut wc) };
             if n > 0 && wc.wr_id == seq {
+                crate::clock::probe::completion();
                 break;
             }
             if n < 0 {

@@ -99,3 +99,67 @@ mod tests {
         }
     }
 }
+
+/// The post-gap probe: cycles from a depth-1 completion seen to the next `ibv_post_send`, the user time
+/// that decides between Soft-RoCE's two latency modes (BENCHMARKS.md, rdma, sessions 6 and 7). Built
+/// with the `probe` feature, the depth-1 path records one sample per post that follows a completion
+/// (the last 65536; lock-free, two cycle-counter reads per operation); without it every function here
+/// is empty and [`take`] returns nothing. Process-wide: meant for one timed loop at a time
+/// (`farbench rdma`, `farpool-vm-rdma --lat`).
+pub mod probe {
+    #[cfg(all(feature = "probe", target_arch = "x86_64"))]
+    mod on {
+        use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+        const N: usize = 1 << 16;
+        static LAST: AtomicU64 = AtomicU64::new(0);
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        static GAPS: [AtomicU64; N] = [const { AtomicU64::new(0) }; N];
+
+        pub fn completion() {
+            LAST.store(super::super::read_cycles(), Relaxed);
+        }
+
+        pub fn post() {
+            let now = super::super::read_cycles();
+            let last = LAST.swap(0, Relaxed);
+            if last != 0 {
+                let i = NEXT.fetch_add(1, Relaxed);
+                GAPS[i % N].store(now.wrapping_sub(last), Relaxed);
+            }
+        }
+
+        pub fn take() -> Vec<u64> {
+            let n = NEXT.swap(0, Relaxed).min(N);
+            LAST.store(0, Relaxed);
+            (0..n).map(|i| GAPS[i].load(Relaxed)).collect()
+        }
+    }
+
+    /// A depth-1 completion was seen.
+    #[inline(always)]
+    pub fn completion() {
+        #[cfg(all(feature = "probe", target_arch = "x86_64"))]
+        on::completion();
+    }
+
+    /// A post is about to be made (records the gap since the last completion, if any).
+    #[inline(always)]
+    pub fn post() {
+        #[cfg(all(feature = "probe", target_arch = "x86_64"))]
+        on::post();
+    }
+
+    /// The gaps recorded since the last call, in cycles of [`CycleClock`](super::CycleClock) (convert
+    /// with its `mhz`), and start over. Empty without the `probe` feature.
+    #[cfg(all(feature = "probe", target_arch = "x86_64"))]
+    pub fn take() -> Vec<u64> {
+        on::take()
+    }
+
+    /// The gaps recorded since the last call: none without the `probe` feature.
+    #[cfg(not(all(feature = "probe", target_arch = "x86_64")))]
+    pub fn take() -> Vec<u64> {
+        Vec::new()
+    }
+}

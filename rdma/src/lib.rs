@@ -67,7 +67,7 @@ mod transport;
 #[cfg(not(feature = "rdma"))]
 mod stub;
 
-pub use clock::CycleClock;
+pub use clock::{CycleClock, probe};
 #[cfg(feature = "rdma")]
 pub use device::{Context, Limits, discover};
 #[cfg(feature = "rdma")]

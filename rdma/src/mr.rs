@@ -91,6 +91,40 @@ unsafe impl Send for HeapBlock {}
 // SAFETY: as above; &HeapBlock gives no access to the bytes by itself.
 unsafe impl Sync for HeapBlock {}
 
+/// A caller's boxed slice, held as a raw pointer while it is registered (so no `Box` asserts unique
+/// access to bytes the NIC and `LocalBuffer`'s slices reach through the registration's pointer), and
+/// rebuilt into the same `Box` when it is freed or handed back.
+struct BoxBlock {
+    ptr: NonNull<[u8]>,
+}
+
+impl BoxBlock {
+    fn new(b: Box<[u8]>) -> Self {
+        // SAFETY: `Box::into_raw` never returns null.
+        Self { ptr: unsafe { NonNull::new_unchecked(Box::into_raw(b)) } }
+    }
+
+    fn into_box(self) -> Box<[u8]> {
+        let ptr = self.ptr;
+        std::mem::forget(self);
+        // SAFETY: `ptr` came from `Box::into_raw` in `new`, and ownership returns exactly once (here, or
+        // in `drop`, which `forget` skipped).
+        unsafe { Box::from_raw(ptr.as_ptr()) }
+    }
+}
+
+impl Drop for BoxBlock {
+    fn drop(&mut self) {
+        // SAFETY: as in `into_box`: rebuilt once, from the pointer `Box::into_raw` gave.
+        drop(unsafe { Box::from_raw(self.ptr.as_ptr()) });
+    }
+}
+
+// SAFETY: BoxBlock owns its allocation exclusively, as the `Box` it came from did.
+unsafe impl Send for BoxBlock {}
+// SAFETY: as above; &BoxBlock gives no access to the bytes by itself.
+unsafe impl Sync for BoxBlock {}
+
 /// A registered memory range: the MR handle plus what keeps the memory alive.
 pub struct Registration {
     // Field order matters: the MR is deregistered before the owner frees the memory.
@@ -230,6 +264,37 @@ impl LocalBuffer {
         let block = HeapBlock::new(len)?;
         let ptr = block.ptr;
         Ok(Self { reg: Arc::new(Registration::new(ctx, ptr, len, access, Some(Box::new(block)))?) })
+    }
+
+    /// Register the caller's memory `b` (e.g. a buffer manager's frames) and own it until
+    /// [`into_box`](Self::into_box) hands it back. An empty slice is refused (`Config`).
+    pub fn from_box(ctx: &Arc<Context>, b: Box<[u8]>, access: Access) -> Result<Self> {
+        let len = b.len();
+        let block = BoxBlock::new(b);
+        let ptr = block.ptr.cast::<u8>();
+        Ok(Self { reg: Arc::new(Registration::new(ctx, ptr, len, access, Some(Box::new(block)))?) })
+    }
+
+    /// Deregister and hand back the memory of a buffer made by [`from_box`](Self::from_box), the
+    /// same allocation with its bytes. `Err(self)` while something else still holds the registration (an
+    /// operation in flight, or a clone of [`registration`](Self::registration)'s `Arc`), or for a buffer
+    /// this crate allocated.
+    pub fn into_box(self) -> std::result::Result<Box<[u8]>, Self> {
+        let reg = match Arc::try_unwrap(self.reg) {
+            Ok(r) => r,
+            Err(reg) => return Err(Self { reg }),
+        };
+        let Registration { mr, _owner, ptr, len, ctx } = reg;
+        let _owner = match _owner.map(|o| o.downcast::<BoxBlock>()) {
+            Some(Ok(block)) => {
+                // The MR first: the NIC loses access before the memory changes hands.
+                drop(mr);
+                return Ok(block.into_box());
+            }
+            Some(Err(other)) => Some(other),
+            None => None,
+        };
+        Err(Self { reg: Arc::new(Registration { mr, _owner, ptr, len, ctx }) })
     }
 
     /// The registration (for the zero-copy endpoint calls).

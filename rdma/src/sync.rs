@@ -1,6 +1,7 @@
 //! Blocking conveniences on [`Endpoint`]: post one operation and wait for it. Other operations in flight
 //! are unaffected (their completions stay queued for `poll_completions`).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -8,7 +9,7 @@ use farpool_core::{Error, ErrorKind, Result};
 
 use crate::alone::Alone;
 use crate::endpoint::{Endpoint, Kind, Output, Remote, WATCH_EVERY};
-use crate::mr::LocalBuffer;
+use crate::mr::{LocalBuffer, Registration};
 use crate::ops::{Admit, DirectOp, Direction};
 
 /// Extra time past `op_timeout` for the flush of an overdue operation to arrive before the queue pair
@@ -63,33 +64,49 @@ impl Endpoint {
     /// Zero-copy RDMA READ of `len` bytes into `buf[offset..]`. Safe: `buf` stays borrowed until the NIC is
     /// done with it (on a timeout the queue pair is destroyed before this returns).
     pub fn read_into(&mut self, buf: &mut LocalBuffer, offset: usize, len: u32, remote: Remote) -> Result<()> {
-        let reg = buf.registration();
-        if let Some(r) = self.run_alone(Kind::Read, remote, len, Alone::Direct { reg, offset }, None) {
-            return match r? {
-                Output::Placed => Ok(()),
-                o => Err(unexpected("read_into", &o)),
-            };
-        }
-        let op = DirectOp { wr_id: 0, dir: Direction::Read, local: buf.registration().clone(), offset, len, remote };
-        match self.run_sync(|ep| ep.admit_direct(&op, Kind::Read, 0, true), &[])? {
-            Output::Placed => Ok(()),
-            o => Err(unexpected("read_into", &o)),
-        }
+        self.direct(Kind::Read, buf.registration(), offset, len, remote)
     }
 
     /// Zero-copy RDMA WRITE of `buf[offset..offset + len]`.
     pub fn write_from(&mut self, buf: &LocalBuffer, offset: usize, len: u32, remote: Remote) -> Result<()> {
-        let reg = buf.registration();
-        if let Some(r) = self.run_alone(Kind::Write, remote, len, Alone::Direct { reg, offset }, None) {
+        self.direct(Kind::Write, buf.registration(), offset, len, remote)
+    }
+
+    /// Zero-copy RDMA READ of `buf.len()` bytes into `buf`, a range of memory registered as `reg` with
+    /// this endpoint's device (e.g. one frame of a buffer manager's registered arena). `OutOfRange` when
+    /// `buf` does not lie inside `reg` or is longer than one operation, `Config` for a registration of
+    /// another device. Safe for the same reason as [`read_into`](Self::read_into): the NIC writes
+    /// only into `buf`, which this call borrows mutably until the NIC is done with it.
+    pub fn read_to(&mut self, reg: &Arc<Registration>, buf: &mut [u8], remote: Remote) -> Result<()> {
+        let (offset, len) = place(reg, buf.as_ptr(), buf.len())?;
+        self.direct(Kind::Read, reg, offset, len, remote)
+    }
+
+    /// Zero-copy RDMA WRITE of `data`, a range of memory registered as `reg` (see
+    /// [`read_to`](Self::read_to)).
+    pub fn write_of(&mut self, reg: &Arc<Registration>, data: &[u8], remote: Remote) -> Result<()> {
+        let (offset, len) = place(reg, data.as_ptr(), data.len())?;
+        self.direct(Kind::Write, reg, offset, len, remote)
+    }
+
+    /// One blocking zero-copy operation on `reg[offset..offset + len]`: the depth-1 path when it is
+    /// eligible, else the general one.
+    #[inline]
+    fn direct(&mut self, kind: Kind, reg: &Arc<Registration>, offset: usize, len: u32, remote: Remote) -> Result<()> {
+        let want_read = kind == Kind::Read;
+        if let Some(r) = self.run_alone(kind, remote, len, Alone::Direct { reg, offset }, None) {
             return match r? {
-                Output::Write => Ok(()),
-                o => Err(unexpected("write_from", &o)),
+                Output::Placed if want_read => Ok(()),
+                Output::Write if !want_read => Ok(()),
+                o => Err(unexpected(if want_read { "read_into" } else { "write_from" }, &o)),
             };
         }
-        let op = DirectOp { wr_id: 0, dir: Direction::Write, local: buf.registration().clone(), offset, len, remote };
-        match self.run_sync(|ep| ep.admit_direct(&op, Kind::Write, 0, true), &[])? {
-            Output::Write => Ok(()),
-            o => Err(unexpected("write_from", &o)),
+        let dir = if want_read { Direction::Read } else { Direction::Write };
+        let op = DirectOp { wr_id: 0, dir, local: reg.clone(), offset, len, remote };
+        match self.run_sync(|ep| ep.admit_direct(&op, kind, 0, true), &[])? {
+            Output::Placed if want_read => Ok(()),
+            Output::Write if !want_read => Ok(()),
+            o => Err(unexpected(if want_read { "read_into" } else { "write_from" }, &o)),
         }
     }
 
@@ -150,6 +167,27 @@ impl Endpoint {
         let now = Instant::now();
         now >= *hard.get_or_insert(now + self.cfg.op_timeout + FLUSH_GRACE)
     }
+}
+
+/// Offset and length of `ptr..ptr + len` inside `reg`, or `OutOfRange`.
+#[inline]
+fn place(reg: &Registration, ptr: *const u8, len: usize) -> Result<(usize, u32)> {
+    let outside = || {
+        Error::new(
+            ErrorKind::OutOfRange,
+            format!(
+                "{len} bytes at {ptr:p} are not inside the registration at {:#x} of {} bytes",
+                reg.addr(),
+                reg.len()
+            ),
+        )
+    };
+    let offset = (ptr as u64).checked_sub(reg.addr()).ok_or_else(outside)?;
+    let offset = usize::try_from(offset).map_err(|_| outside())?;
+    reg.check_range(offset, len).map_err(|_| outside())?;
+    let len = u32::try_from(len)
+        .map_err(|_| Error::new(ErrorKind::OutOfRange, format!("{len} bytes is more than one operation carries")))?;
+    Ok((offset, len))
 }
 
 fn unexpected(what: &str, o: &Output) -> Error {

@@ -6,9 +6,11 @@
 //! queue pair (a NIC-side access error moves it to the error state), and a NIC rejection of an
 //! in-bounds access then means `Revoked`.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 use std::time::Duration;
 
 use farpool_core::{
@@ -21,6 +23,7 @@ use farpool_core::wire::MAX_OP_LEN;
 
 use crate::alone::Alone;
 use crate::endpoint::{Endpoint, EndpointState, Kind, Output, QpExchange, RdmaCompletion, Remote};
+use crate::mr::Registration;
 use crate::ops::{Admit, kind_of};
 
 /// Hash of an rkey for the per-post grant lookup: one multiplication instead of SipHash, which cost more
@@ -104,6 +107,44 @@ impl RdmaTransport {
         }
     }
 
+    /// Re-establish a queue pair in error (when an exchange is configured) before posting on it.
+    #[inline]
+    fn revive(&mut self) -> Result<()> {
+        if matches!(self.ep.state(), EndpointState::Broken(_)) && self.exchange.is_some() {
+            self.reconnect()?;
+        }
+        Ok(())
+    }
+
+    /// One zero-copy operation per chunk of at most [`MAX_OP_LEN`] bytes of `local` (inside `reg`).
+    #[inline]
+    fn registered(&mut self, addr: RemoteAddr, local: Local<'_>, reg: &Arc<Registration>) -> Result<()> {
+        let len = local.len();
+        let remote = self.resolve(&addr, len as u64)?;
+        self.revive()?;
+        if len <= MAX_OP_LEN as usize {
+            return match local {
+                Local::Into(buf) => self.ep.read_to(reg, buf, remote),
+                Local::From(data) => self.ep.write_of(reg, data, remote),
+            };
+        }
+        let step = MAX_OP_LEN as usize;
+        let chunk = |start: usize| Remote { addr: remote.addr + start as u64, rkey: remote.rkey };
+        match local {
+            Local::Into(buf) => {
+                for (i, part) in buf.chunks_mut(step).enumerate() {
+                    self.ep.read_to(reg, part, chunk(i * step))?;
+                }
+            }
+            Local::From(data) => {
+                for (i, part) in data.chunks(step).enumerate() {
+                    self.ep.write_of(reg, part, chunk(i * step))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Local checks that need no NIC: op size and alignment, RDMA credential present, grant bounds.
     fn precheck(&self, wr: &WorkRequest) -> Result<Remote> {
         wr.op.check(&wr.addr)?;
@@ -111,6 +152,7 @@ impl RdmaTransport {
     }
 
     /// The NIC address of `len` bytes at `addr`, checked against the grant when it is known.
+    #[inline]
     fn resolve(&self, addr: &RemoteAddr, len: u64) -> Result<Remote> {
         let RemoteAddr { offset, cred, .. } = *addr;
         if cred.rkey == 0 {
@@ -155,6 +197,27 @@ impl RdmaTransport {
     }
 }
 
+/// The caller's side of a zero-copy call: where a READ lands, or what a WRITE sends.
+enum Local<'a> {
+    Into(&'a mut [u8]),
+    From(&'a [u8]),
+}
+
+impl Local<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Local::Into(b) => b.len(),
+            Local::From(d) => d.len(),
+        }
+    }
+}
+
+/// The registration behind a token of [`Transport::read_registered`] when it is one of this
+/// endpoint's device.
+fn ours<'a>(reg: &'a dyn Any, ep: &Endpoint) -> Option<&'a Arc<Registration>> {
+    reg.downcast_ref::<Arc<Registration>>().filter(|r| Arc::ptr_eq(r.context(), ep.context()))
+}
+
 fn to_core(c: RdmaCompletion) -> Completion {
     let result = c.result.and_then(|o| match o {
         Output::Read(b) => Ok(OpOutput::Read(b)),
@@ -171,9 +234,7 @@ impl Transport for RdmaTransport {
     }
 
     fn post(&mut self, batch: &mut Vec<WorkRequest>) -> Result<usize> {
-        if matches!(self.ep.state(), EndpointState::Broken(_)) && self.exchange.is_some() {
-            self.reconnect()?;
-        }
+        self.revive()?;
         self.ep.ensure_ready()?;
         let first = self.ep.records.len();
         let mut taken = 0;
@@ -248,6 +309,23 @@ impl Transport for RdmaTransport {
             }
         }
         read_chunked(self, addr, buf)
+    }
+
+    // A registration of this endpoint's device: the bytes go straight between the NIC and `buf`.
+    // Anything else (another device's registration, a foreign token) is read or written as usual.
+
+    fn read_registered(&mut self, addr: RemoteAddr, buf: &mut [u8], reg: &dyn Any) -> Result<()> {
+        match ours(reg, &self.ep) {
+            Some(r) => self.registered(addr, Local::Into(buf), r),
+            None => self.read(addr, buf),
+        }
+    }
+
+    fn write_registered(&mut self, addr: RemoteAddr, data: &[u8], reg: &dyn Any) -> Result<()> {
+        match ours(reg, &self.ep) {
+            Some(r) => self.registered(addr, Local::From(data), r),
+            None => self.write(addr, data),
+        }
     }
 
     fn write(&mut self, addr: RemoteAddr, data: &[u8]) -> Result<()> {

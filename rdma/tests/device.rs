@@ -205,3 +205,66 @@ fn depth_one_path_matches_the_general_path_and_hands_over_errors() {
     assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
     assert_eq!(c.inflight(), 0, "nothing left behind");
 }
+
+/// The caller's own memory, registered: reads land in and writes leave from any slice of it with no
+/// copy (`read_to`/`write_of`, and the transport's `read_registered`), a slice outside the registration
+/// is refused before the NIC sees it, and the memory comes back whole once nothing holds it.
+#[test]
+#[ignore = "needs an RDMA device; run in tests/vm"]
+fn caller_memory_is_read_into_and_written_from_in_place() {
+    use farpool_core::Transport;
+    use farpool_core::ids::{Credential, Epoch, LeaseId, RemoteAddr, SlabGrant, SlabId, Token};
+    use farpool_rdma::{Access, LocalBuffer, RdmaTransport};
+
+    let Some(ctx) = device_or_skip() else { return };
+    let pool = ctx.register_pool_owned(vec![0u8; 1 << 20].into_boxed_slice()).unwrap();
+    let grant = pool.grant(0, 1 << 20).unwrap();
+    let (mut c, _s) = pair(&ctx);
+    let at = |off: u64| Remote { addr: grant.addr() + off, rkey: grant.rkey() };
+
+    let frames: Box<[u8]> = (0..4 * 8192u32).map(|i| (i % 251) as u8).collect();
+    let start = frames.as_ptr();
+    let mut arena = LocalBuffer::from_box(&ctx, frames, Access::LOCAL).unwrap();
+    let reg = arena.registration().clone();
+    // Frame 1 out, frame 3 back in from there: the frames themselves, no staging.
+    let (sent, rest) = arena.as_mut_slice().split_at_mut(2 * 8192);
+    c.write_of(&reg, &sent[8192..], at(65536)).unwrap();
+    c.read_to(&reg, &mut rest[8192..], at(65536)).unwrap();
+    let bytes = arena.as_slice();
+    assert_eq!(&bytes[3 * 8192..], &bytes[8192..2 * 8192], "frame 3 now holds frame 1's bytes");
+    for n in [1usize, 8, 300, 5000] {
+        c.read_to(&reg, &mut arena.as_mut_slice()[..n], at(65536)).unwrap();
+    }
+
+    // Memory that is not inside the registration: refused, and the endpoint keeps working.
+    let mut elsewhere = vec![0u8; 64];
+    let e = c.read_to(&reg, &mut elsewhere, at(0)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::OutOfRange, "{e}");
+    c.read_to(&reg, &mut arena.as_mut_slice()[..8], at(0)).unwrap();
+
+    // Through the transport: its token is the registration's Arc; any other token reads by copying.
+    let (c2, _s2) = pair(&ctx);
+    let cred =
+        Credential { lease: LeaseId(1), epoch: Epoch(1), token: Token(0), rkey: grant.rkey(), base_addr: grant.addr() };
+    let g = SlabGrant { slab: SlabId(0), len: 1 << 20, cred };
+    let mut t = RdmaTransport::new(c2);
+    t.add_grant(&g);
+    t.write_registered(RemoteAddr::in_grant(&g, 100_000), &arena.as_slice()[..8192], &reg).unwrap();
+    t.read_registered(RemoteAddr::in_grant(&g, 100_000), &mut arena.as_mut_slice()[8192..2 * 8192], &reg).unwrap();
+    let mut copy = vec![0u8; 8192];
+    t.read_registered(RemoteAddr::in_grant(&g, 100_000), &mut copy, &"not a registration").unwrap();
+    assert_eq!(&copy[..], &arena.as_slice()[..8192]);
+    assert_eq!(&arena.as_slice()[8192..2 * 8192], &arena.as_slice()[..8192]);
+    let e =
+        t.read_registered(RemoteAddr::in_grant(&g, (1 << 20) - 8), &mut arena.as_mut_slice()[..16], &reg).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::OutOfRange, "{e}");
+
+    // The memory back: refused while a clone of the registration lives, then the same allocation.
+    let arena = arena.into_box().expect_err("a clone of the registration is alive");
+    drop(reg);
+    let back = arena.into_box().expect("nothing holds the registration any more");
+    assert_eq!(back.as_ptr(), start, "the caller's own allocation comes back");
+    assert_eq!(back.len(), 4 * 8192);
+    let own = LocalBuffer::new(&ctx, 4096, Access::LOCAL).unwrap();
+    assert!(own.into_box().is_err(), "a buffer this crate allocated has no caller box to give back");
+}

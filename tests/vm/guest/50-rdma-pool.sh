@@ -4,6 +4,8 @@
 # built with `cargo build --release --features "farpool-rdma/rdma,farpool/rdma,farpool-memserver/rdma,farpool-bench/rdma" --bins`).
 #   pool-offered             the server advertises rdma; a forced-rdma pool negotiates it; grants carry rkeys
 #   pool-readwrite           READ/WRITE 8 B .. 1 MiB round trips; RDMA writes visible over the TCP data path
+#   pool-arena               registered arenas through the Pool API: 8 B .. 1.5 MiB written from / read
+#                            straight into; the caller's own frames used in place and handed back
 #   pool-atomics             4 threads x N FETCH_ADD and CAS increments, each on its own endpoint: sums exact
 #   pool-out-of-range        refused client-side; a forged address refused by the NIC; server keeps serving
 #   pool-auto                auto negotiation (server without shm) picks rdma and says why

@@ -207,6 +207,12 @@ fn report(a: &PerfArgs, stamps_ns: &[u64], mhz: Option<f64>) {
 /// Print one `lat op=NAME ...` line from samples in microseconds.
 /// With the cycle counter, `tsc_mhz=` ends the line: its rate against the monotonic clock.
 fn report_samples(name: &str, a: &PerfArgs, mut samples: Vec<f64>, mhz: Option<f64>) {
+    let mut gaps = farpool_rdma::probe::take();
+    gaps.sort_unstable();
+    let gap = match (gaps.get(gaps.len() / 2), mhz) {
+        (Some(&c), Some(m)) => format!(" post_gap_p50_us={:.2}", c as f64 / m),
+        _ => String::new(),
+    };
     samples.sort_by(f64::total_cmp);
     let mean = samples.iter().sum::<f64>() / samples.len() as f64;
     println!(
@@ -223,6 +229,9 @@ fn report_samples(name: &str, a: &PerfArgs, mut samples: Vec<f64>, mhz: Option<f
         samples[samples.len() - 1],
         mhz.map(|m| format!(" tsc_mhz={m:.1}")).unwrap_or_default(),
     );
+    if !gap.is_empty() {
+        println!("probe op={name}{gap}");
+    }
 }
 
 /// `depth` zero-copy operations kept in flight; prints `bw op=.. size=.. MiB_s=.. ops_s=..`.
