@@ -122,7 +122,14 @@ impl Arena {
         let len = src.len();
         let (buf, caller) = match src {
             Source::Zeroed(len) => (LocalBuffer::new(&ctx, len, Access::LOCAL)?, false),
-            Source::Caller(b) => (LocalBuffer::from_box(&ctx, b, Access::LOCAL)?, true),
+            Source::Caller(b) => match LocalBuffer::from_box(&ctx, b, Access::LOCAL) {
+                Ok(buf) => (buf, true),
+                Err((e, b)) => {
+                    // The caller's memory is not lost with the registration: used as plain memory.
+                    tracing::warn!(bytes = len, device = ctx.name(), "arena not registered, plain memory: {e}");
+                    return Ok(Self::plain(Source::Caller(b)));
+                }
+            },
         };
         tracing::info!(bytes = len, device = ctx.name(), "arena registered for zero-copy rdma reads and writes");
         let reg = buf.registration().clone();

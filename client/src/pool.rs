@@ -574,14 +574,16 @@ impl Pool {
 
     /// A zeroed, page-aligned [`Arena`] of `len` bytes for zero-copy reads and writes: registered with
     /// the client's RDMA device when the pool may use rdma and the device opens, plain memory otherwise
-    /// (see [`crate::arena`]). `Config` for 0 bytes; a failed registration is an error with its reason
-    /// (e.g. `ulimit -l` too low), not a silent fallback.
+    /// (see [`crate::arena`]). `Config` for 0 bytes; a failed allocation or registration is an error
+    /// with its reason (e.g. `ulimit -l` too low).
     pub fn arena(&self, len: usize) -> Result<Arena> {
         Arena::new(self.config(), Source::Zeroed(len))
     }
 
     /// [`arena`](Self::arena) over the caller's memory (e.g. a buffer manager's frames); the memory comes
-    /// back, deregistered, with [`Arena::into_box`].
+    /// back, deregistered, with [`Arena::into_box`]. `Config` for an empty slice. If the device refuses
+    /// to register it, the memory is not lost: the arena is plain memory (a warning says why, and
+    /// [`Arena::device`] is `None`).
     pub fn arena_from(&self, mem: Box<[u8]>) -> Result<Arena> {
         Arena::new(self.config(), Source::Caller(mem))
     }

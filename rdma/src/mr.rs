@@ -267,12 +267,19 @@ impl LocalBuffer {
     }
 
     /// Register the caller's memory `b` (e.g. a buffer manager's frames) and own it until
-    /// [`into_box`](Self::into_box) hands it back. An empty slice is refused (`Config`).
-    pub fn from_box(ctx: &Arc<Context>, b: Box<[u8]>, access: Access) -> Result<Self> {
+    /// [`into_box`](Self::into_box) hands it back. When registration fails (an empty slice: `Config`;
+    /// the device refused it, e.g. `ulimit -l`) the memory comes back with the error, untouched.
+    pub fn from_box(ctx: &Arc<Context>, b: Box<[u8]>, access: Access) -> std::result::Result<Self, (Error, Box<[u8]>)> {
         let len = b.len();
         let block = BoxBlock::new(b);
         let ptr = block.ptr.cast::<u8>();
-        Ok(Self { reg: Arc::new(Registration::new(ctx, ptr, len, access, Some(Box::new(block)))?) })
+        match Registration::new(ctx, ptr, len, access, None) {
+            Ok(mut reg) => {
+                reg._owner = Some(Box::new(block));
+                Ok(Self { reg: Arc::new(reg) })
+            }
+            Err(e) => Err((e, block.into_box())),
+        }
     }
 
     /// Deregister and hand back the memory of a buffer made by [`from_box`](Self::from_box), the

@@ -119,30 +119,15 @@ impl RdmaTransport {
     /// One zero-copy operation per chunk of at most [`MAX_OP_LEN`] bytes of `local` (inside `reg`).
     #[inline]
     fn registered(&mut self, addr: RemoteAddr, local: Local<'_>, reg: &Arc<Registration>) -> Result<()> {
-        let len = local.len();
-        let remote = self.resolve(&addr, len as u64)?;
+        let remote = self.resolve(&addr, local.len() as u64)?;
         self.revive()?;
-        if len <= MAX_OP_LEN as usize {
-            return match local {
-                Local::Into(buf) => self.ep.read_to(reg, buf, remote),
-                Local::From(data) => self.ep.write_of(reg, data, remote),
-            };
-        }
         let step = MAX_OP_LEN as usize;
-        let chunk = |start: usize| Remote { addr: remote.addr + start as u64, rkey: remote.rkey };
+        let at = |i: usize| Remote { addr: remote.addr + (i * step) as u64, rkey: remote.rkey };
+        let ep = &mut self.ep;
         match local {
-            Local::Into(buf) => {
-                for (i, part) in buf.chunks_mut(step).enumerate() {
-                    self.ep.read_to(reg, part, chunk(i * step))?;
-                }
-            }
-            Local::From(data) => {
-                for (i, part) in data.chunks(step).enumerate() {
-                    self.ep.write_of(reg, part, chunk(i * step))?;
-                }
-            }
+            Local::Into(buf) => buf.chunks_mut(step).enumerate().try_for_each(|(i, part)| ep.read_to(reg, part, at(i))),
+            Local::From(data) => data.chunks(step).enumerate().try_for_each(|(i, part)| ep.write_of(reg, part, at(i))),
         }
-        Ok(())
     }
 
     /// Local checks that need no NIC: op size and alignment, RDMA credential present, grant bounds.

@@ -7,7 +7,8 @@
 use std::sync::Arc;
 
 use farpool_core::ErrorKind;
-use farpool_rdma::{Context, DeviceSelector, Endpoint, EndpointConfig, Remote};
+use farpool_core::ids::{Credential, Epoch, LeaseId, SlabGrant, SlabId, Token};
+use farpool_rdma::{Context, DeviceSelector, Endpoint, EndpointConfig, RdmaTransport, Remote, SlabMr};
 
 fn device_or_skip() -> Option<Arc<Context>> {
     match Context::open(&DeviceSelector::new()) {
@@ -33,6 +34,18 @@ fn pair_with(ctx: &Arc<Context>, cfg: EndpointConfig) -> (Endpoint, Endpoint) {
     server.connect(&ci).expect("server connect");
     client.connect(&si).expect("client connect");
     (client, server)
+}
+
+/// An `RdmaTransport` on a fresh pair (the peer endpoint is returned to keep it alive) that knows
+/// `grant` (1 MiB) as slab 0 of lease 1, and that grant as the transport addresses it.
+fn transport_over(ctx: &Arc<Context>, grant: &SlabMr) -> (RdmaTransport, SlabGrant, Endpoint) {
+    let (c, s) = pair(ctx);
+    let cred =
+        Credential { lease: LeaseId(1), epoch: Epoch(1), token: Token(0), rkey: grant.rkey(), base_addr: grant.addr() };
+    let g = SlabGrant { slab: SlabId(0), len: 1 << 20, cred };
+    let mut t = RdmaTransport::new(c);
+    t.add_grant(&g);
+    (t, g, s)
 }
 
 #[test]
@@ -106,9 +119,9 @@ fn lent_reads_stay_intact_while_held_and_never_block() {
 #[test]
 #[ignore = "needs an RDMA device; run in tests/vm"]
 fn depth_one_path_matches_the_general_path_and_hands_over_errors() {
-    use farpool_core::ids::{Credential, Epoch, LeaseId, RemoteAddr, SlabGrant, SlabId, Token};
+    use farpool_core::ids::RemoteAddr;
     use farpool_core::{OpKind, Transport, WorkRequest};
-    use farpool_rdma::{Access, LocalBuffer, Op, RdmaTransport};
+    use farpool_rdma::{Access, LocalBuffer, Op};
     use std::time::Duration;
 
     let Some(ctx) = device_or_skip() else { return };
@@ -159,12 +172,7 @@ fn depth_one_path_matches_the_general_path_and_hands_over_errors() {
     assert_eq!(c.compare_swap(at(200_000), 5, 9).unwrap(), 5);
 
     // The transport's blocking calls take the same path, with its grant checks first.
-    let (c2, _s2) = pair(&ctx);
-    let cred =
-        Credential { lease: LeaseId(1), epoch: Epoch(1), token: Token(0), rkey: grant.rkey(), base_addr: grant.addr() };
-    let g = SlabGrant { slab: SlabId(0), len: 1 << 20, cred };
-    let mut t = RdmaTransport::new(c2);
-    t.add_grant(&g);
+    let (mut t, g, _s2) = transport_over(&ctx, &grant);
     let data = pattern(3000, 5);
     t.write(RemoteAddr::in_grant(&g, 20_000), &data).unwrap();
     let mut back = vec![0u8; data.len()];
@@ -213,8 +221,8 @@ fn depth_one_path_matches_the_general_path_and_hands_over_errors() {
 #[ignore = "needs an RDMA device; run in tests/vm"]
 fn caller_memory_is_read_into_and_written_from_in_place() {
     use farpool_core::Transport;
-    use farpool_core::ids::{Credential, Epoch, LeaseId, RemoteAddr, SlabGrant, SlabId, Token};
-    use farpool_rdma::{Access, LocalBuffer, RdmaTransport};
+    use farpool_core::ids::RemoteAddr;
+    use farpool_rdma::{Access, LocalBuffer};
 
     let Some(ctx) = device_or_skip() else { return };
     let pool = ctx.register_pool_owned(vec![0u8; 1 << 20].into_boxed_slice()).unwrap();
@@ -243,12 +251,7 @@ fn caller_memory_is_read_into_and_written_from_in_place() {
     c.read_to(&reg, &mut arena.as_mut_slice()[..8], at(0)).unwrap();
 
     // Through the transport: its token is the registration's Arc; any other token reads by copying.
-    let (c2, _s2) = pair(&ctx);
-    let cred =
-        Credential { lease: LeaseId(1), epoch: Epoch(1), token: Token(0), rkey: grant.rkey(), base_addr: grant.addr() };
-    let g = SlabGrant { slab: SlabId(0), len: 1 << 20, cred };
-    let mut t = RdmaTransport::new(c2);
-    t.add_grant(&g);
+    let (mut t, g, _s2) = transport_over(&ctx, &grant);
     t.write_registered(RemoteAddr::in_grant(&g, 100_000), &arena.as_slice()[..8192], &reg).unwrap();
     t.read_registered(RemoteAddr::in_grant(&g, 100_000), &mut arena.as_mut_slice()[8192..2 * 8192], &reg).unwrap();
     let mut copy = vec![0u8; 8192];
@@ -265,6 +268,8 @@ fn caller_memory_is_read_into_and_written_from_in_place() {
     let back = arena.into_box().expect("nothing holds the registration any more");
     assert_eq!(back.as_ptr(), start, "the caller's own allocation comes back");
     assert_eq!(back.len(), 4 * 8192);
+    let (e, empty) = LocalBuffer::from_box(&ctx, Box::new([]), Access::LOCAL).unwrap_err();
+    assert_eq!((e.kind(), empty.len()), (ErrorKind::Config, 0), "refused, and the memory comes back: {e}");
     let own = LocalBuffer::new(&ctx, 4096, Access::LOCAL).unwrap();
     assert!(own.into_box().is_err(), "a buffer this crate allocated has no caller box to give back");
 }
