@@ -86,6 +86,9 @@ pub struct RdmaArgs {
     /// the kernel meanwhile; without the pause whichever of our phases runs first pays for it).
     #[arg(long, default_value_t = 200)]
     pub settle_ms: u64,
+    /// Create our queue pairs and completion queues with the legacy verbs API (default: extended).
+    #[arg(long)]
+    pub legacy_verbs: bool,
     /// Do not run perftest (our figures only, no ratios).
     #[arg(long)]
     pub no_perftest: bool,
@@ -183,7 +186,8 @@ pub fn run(a: &RdmaArgs) -> Result<ExitCode> {
     let mut pool = PoolBuilder::new([addr.as_str()])
         .with_transport(TransportChoice::Rdma)
         .with_inflight_max(a.depth.max(1))
-        .with_rdma_device(a.device.clone());
+        .with_rdma_device(a.device.clone())
+        .with_rdma_extended_verbs(!a.legacy_verbs);
     if let Some(g) = a.gid_index {
         pool = pool.with_rdma_gid_index(g);
     }

@@ -70,6 +70,10 @@ pub struct PoolConfig {
     /// device with an active port and its RoCE v2 IPv4-mapped GID. A device is opened once per process
     /// per distinct selection.
     pub rdma: DeviceSelector,
+    /// Create RDMA queue pairs and completion queues with the extended verbs API (`ibv_create_qp_ex`,
+    /// `ibv_wr_*` posting, `ibv_start_poll`) when the provider has it (default true); false uses the
+    /// legacy API throughout. See `farpool_rdma::EndpointConfig::with_extended_verbs`.
+    pub rdma_extended_verbs: bool,
 }
 
 /// Builds a [`Pool`]: `PoolBuilder::new(servers).with_x(..).build()`.
@@ -107,6 +111,7 @@ impl PoolBuilder {
                 reconnect_backoff: Duration::from_millis(500),
                 name: "farpool-client".into(),
                 rdma: DeviceSelector::new(),
+                rdma_extended_verbs: true,
             },
         }
     }
@@ -210,6 +215,13 @@ impl PoolBuilder {
         self
     }
 
+    /// Whether RDMA endpoints use the extended verbs API where the provider has it (default true).
+    #[must_use]
+    pub fn with_rdma_extended_verbs(mut self, on: bool) -> Self {
+        self.cfg.rdma_extended_verbs = on;
+        self
+    }
+
     /// Check the configuration without connecting.
     pub fn validate(&self) -> Result<&PoolConfig> {
         let c = &self.cfg;
@@ -275,6 +287,8 @@ mod tests {
     fn rdma_selection_is_validated_and_printed() {
         let c = PoolBuilder::default();
         assert_eq!(c.validate().unwrap().rdma, DeviceSelector::new());
+        assert!(c.validate().unwrap().rdma_extended_verbs, "extended verbs by default");
+        assert!(!PoolBuilder::default().with_rdma_extended_verbs(false).validate().unwrap().rdma_extended_verbs);
         assert_eq!(c.validate().unwrap().rdma.to_string(), "automatic");
         let b = PoolBuilder::default().with_rdma_device("rxe_lo").with_rdma_port(1).with_rdma_gid_index(1);
         assert_eq!(b.validate().unwrap().rdma.to_string(), "rxe_lo, port 1, gid index 1");

@@ -159,7 +159,10 @@ mod imp {
         let mut reader = FrameReader::new();
         client_handshake(&mut stream, &mut reader, name, connect_timeout)?;
         let inflight_max = inflight_max.min(ctx.limits().max_qp_wr as usize).max(1);
-        let cfg = EndpointConfig::new().with_inflight_max(inflight_max).with_op_timeout(op_timeout);
+        let cfg = EndpointConfig::new()
+            .with_inflight_max(inflight_max)
+            .with_op_timeout(op_timeout)
+            .with_extended_verbs(cfg.rdma_extended_verbs);
         let mut ep = Endpoint::new(&ctx, cfg)?;
         let mut x = TcpExchange { stream, reader, timeout: op_timeout.max(connect_timeout), next_req: 0 };
         let remote = x.exchange(&ep.local_info()?)?;
