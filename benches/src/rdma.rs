@@ -311,10 +311,7 @@ fn latency(ep: &mut Endpoint, lease: &Lease, arena: &mut Arena, op: &str, size: 
 /// The median of the depth-1 path's post gaps since the last call (`farpool_rdma::probe`), in
 /// microseconds; `None` unless built with `farpool-rdma/probe` (and on the cycle counter).
 fn post_gap_p50_us(clock: &CycleClock) -> Option<f64> {
-    let mut gaps = farpool_rdma::probe::take();
-    gaps.sort_unstable();
-    let mhz = clock.mhz()?;
-    gaps.get(gaps.len() / 2).map(|&c| c as f64 / mhz)
+    farpool_rdma::probe::take_p50_us(clock.mhz()?)
 }
 
 /// Run `one` `total` times; from iteration `skip` on, read the cycle counter before each call and once

@@ -94,16 +94,15 @@ impl Endpoint {
     #[inline]
     fn direct(&mut self, kind: Kind, reg: &Arc<Registration>, offset: usize, len: u32, remote: Remote) -> Result<()> {
         let want_read = kind == Kind::Read;
-        if let Some(r) = self.run_alone(kind, remote, len, Alone::Direct { reg, offset }, None) {
-            return match r? {
-                Output::Placed if want_read => Ok(()),
-                Output::Write if !want_read => Ok(()),
-                o => Err(unexpected(if want_read { "read_into" } else { "write_from" }, &o)),
-            };
-        }
-        let dir = if want_read { Direction::Read } else { Direction::Write };
-        let op = DirectOp { wr_id: 0, dir, local: reg.clone(), offset, len, remote };
-        match self.run_sync(|ep| ep.admit_direct(&op, kind, 0, true), &[])? {
+        let out = match self.run_alone(kind, remote, len, Alone::Direct { reg, offset }, None) {
+            Some(r) => r?,
+            None => {
+                let dir = if want_read { Direction::Read } else { Direction::Write };
+                let op = DirectOp { wr_id: 0, dir, local: reg.clone(), offset, len, remote };
+                self.run_sync(|ep| ep.admit_direct(&op, kind, 0, true), &[])?
+            }
+        };
+        match out {
             Output::Placed if want_read => Ok(()),
             Output::Write if !want_read => Ok(()),
             o => Err(unexpected(if want_read { "read_into" } else { "write_from" }, &o)),

@@ -207,11 +207,9 @@ fn report(a: &PerfArgs, stamps_ns: &[u64], mhz: Option<f64>) {
 /// Print one `lat op=NAME ...` line from samples in microseconds.
 /// With the cycle counter, `tsc_mhz=` ends the line: its rate against the monotonic clock.
 fn report_samples(name: &str, a: &PerfArgs, mut samples: Vec<f64>, mhz: Option<f64>) {
-    let mut gaps = farpool_rdma::probe::take();
-    gaps.sort_unstable();
-    let gap = match (gaps.get(gaps.len() / 2), mhz) {
-        (Some(&c), Some(m)) => format!(" post_gap_p50_us={:.2}", c as f64 / m),
-        _ => String::new(),
+    let gap = match mhz.and_then(farpool_rdma::probe::take_p50_us) {
+        Some(us) => format!(" post_gap_p50_us={us:.2}"),
+        None => String::new(),
     };
     samples.sort_by(f64::total_cmp);
     let mean = samples.iter().sum::<f64>() / samples.len() as f64;
