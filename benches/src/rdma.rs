@@ -2,8 +2,8 @@
 //! device, interleaved round by round in one run.
 //!
 //! Setup: a memory server in this process (`farpool_memserver::Server` with `--rdma-device`, or an
-//! external one with `--server`), a `farpool::Pool` forcing the rdma transport, one lease and one data
-//! endpoint: the exact client path (`RdmaTransport` behind `Pool::endpoint`, staged reads, bounds
+//! external one with `--server`), a `farpool::Pool` forcing the rdma transport, one lease, and a fresh
+//! data endpoint (a new queue pair) for each phase, as each perftest run sets up its own: the exact client path (`RdmaTransport` behind `Pool::endpoint`, staged reads, bounds
 //! checks, selective signaling). A staged READ lands by DMA in the endpoint's registered staging ring;
 //! reads of at least 1 KiB complete with that staging span lent as their `Bytes` (zero copy, returned
 //! to the ring when the `Bytes` are dropped), smaller ones with a copy (`farpool_rdma::EndpointConfig::
@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Args;
-use farpool::{Arena, Endpoint, Lease, PoolBuilder, TransportChoice, TransportKind};
+use farpool::{Arena, Endpoint, Lease, Pool, PoolBuilder, TransportChoice, TransportKind};
 use farpool_core::{Completion, OpKind, Transport, WorkRequest};
 use farpool_rdma::CycleClock;
 use serde::Serialize;
@@ -89,6 +89,12 @@ pub struct RdmaArgs {
     /// Create our queue pairs and completion queues with the legacy verbs API (default: extended).
     #[arg(long)]
     pub legacy_verbs: bool,
+    /// Time every phase of every round on one data endpoint (one queue pair) instead of a fresh one per
+    /// phase. perftest sets up a new queue pair for each run, and on Soft-RoCE a run tends to stay in
+    /// the latency mode it fell into at the start, so one endpoint for the whole run is one draw
+    /// against perftest's one per round.
+    #[arg(long)]
+    pub keep_endpoint: bool,
     /// Do not run perftest (our figures only, no ratios).
     #[arg(long)]
     pub no_perftest: bool,
@@ -194,14 +200,14 @@ pub fn run(a: &RdmaArgs) -> Result<ExitCode> {
     let pool = pool.build().context("pool forcing rdma")?;
     let lease = pool.lease(0, 1)?;
     ensure!(lease.grants()[0].len >= a.bw_size.max(*a.lat_sizes.iter().max().unwrap_or(&8)), "slab too small");
-    let mut ep = pool.endpoint(0)?;
-    ensure!(ep.kind() == TransportKind::Rdma, "endpoint is {}", ep.kind());
+    let kept = if a.keep_endpoint { Some(rdma_endpoint(&pool)?) } else { None };
+    let mut eps = Endpoints { pool: &pool, kept };
     let max_lat = a.lat_sizes.iter().copied().max().unwrap_or(8);
     let mut arena = pool.arena(usize::try_from(max_lat)?).context("arena for the READ latency phases")?;
     ensure!(arena.device().is_some(), "the arena is not registered with an RDMA device");
     let mut rounds = Vec::new();
     for r in 0..a.rounds {
-        let round = one_round(a, r, &lease, &mut ep, &mut arena).with_context(|| format!("round {}", r + 1))?;
+        let round = one_round(a, r, &lease, &mut eps, &mut arena).with_context(|| format!("round {}", r + 1))?;
         eprintln!("round {}: {}", r + 1, serde_json::to_string(&round)?);
         rounds.push(round);
     }
@@ -228,7 +234,31 @@ pub fn run(a: &RdmaArgs) -> Result<ExitCode> {
     Ok(if missed && !a.no_check { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
-fn one_round(a: &RdmaArgs, r: u32, lease: &Lease, ep: &mut Endpoint, arena: &mut Arena) -> Result<Round> {
+/// A data endpoint to server 0 that is known to run over rdma.
+fn rdma_endpoint(pool: &Pool) -> Result<Endpoint> {
+    let ep = pool.endpoint(0)?;
+    ensure!(ep.kind() == TransportKind::Rdma, "endpoint is {}", ep.kind());
+    Ok(ep)
+}
+
+/// Where each phase gets its data endpoint: a fresh one (a new queue pair, as each perftest run sets
+/// up its own), or the one kept for the whole run (`--keep-endpoint`).
+struct Endpoints<'a> {
+    pool: &'a Pool,
+    kept: Option<Endpoint>,
+}
+
+impl Endpoints<'_> {
+    /// Run `phase` on the kept endpoint, or on a fresh one that is closed afterwards.
+    fn with<T>(&mut self, phase: impl FnOnce(&mut Endpoint) -> Result<T>) -> Result<T> {
+        match &mut self.kept {
+            Some(ep) => phase(ep),
+            None => phase(&mut rdma_endpoint(self.pool)?),
+        }
+    }
+}
+
+fn one_round(a: &RdmaArgs, r: u32, lease: &Lease, eps: &mut Endpoints<'_>, arena: &mut Arena) -> Result<Round> {
     let mut round = Round::default();
     // Our two READ paths alternate which goes first from round to round, so neither always follows
     // perftest directly.
@@ -238,16 +268,16 @@ fn one_round(a: &RdmaArgs, r: u32, lease: &Lease, ep: &mut Endpoint, arena: &mut
         round.perftest_lat_typical_us.push(parse_perftest(&out, size, 4));
         round.perftest_lat_min_us.push(parse_perftest(&out, size, 2));
         for op in reads {
-            round.ours_lat.push(latency(ep, lease, arena, op, size, a.iters)?);
+            round.ours_lat.push(eps.with(|ep| latency(ep, lease, arena, op, size, a.iters))?);
         }
     }
-    round.ours_lat.push(latency(ep, lease, arena, "write", 8, a.iters)?);
-    round.ours_lat.push(latency(ep, lease, arena, "faa", 8, a.iters)?);
+    round.ours_lat.push(eps.with(|ep| latency(ep, lease, arena, "write", 8, a.iters))?);
+    round.ours_lat.push(eps.with(|ep| latency(ep, lease, arena, "faa", 8, a.iters))?);
     if !a.no_perftest {
         let out = perftest(a, "ib_read_bw", a.bw_size, a.bw_iters)?;
         round.perftest_bw_mib_s = parse_perftest(&out, a.bw_size, 3);
     }
-    round.ours_bw_mib_s = bandwidth(ep, lease, a.bw_size, a.bw_iters, a.depth)?;
+    round.ours_bw_mib_s = eps.with(|ep| bandwidth(ep, lease, a.bw_size, a.bw_iters, a.depth))?;
     Ok(round)
 }
 
