@@ -225,12 +225,19 @@ impl Arena {
     }
 }
 
+/// What an [`ArenaSlice`] carries of its arena's registration: the registration itself with rdma built
+/// in; nothing can be registered without it.
+#[cfg(feature = "rdma")]
+pub(crate) type Reg = std::sync::Arc<farpool_rdma::Registration>;
+#[cfg(not(feature = "rdma"))]
+pub(crate) type Reg = std::convert::Infallible;
+
 /// A mutable range of an [`Arena`] together with the arena's registration: what
 /// [`Endpoint::read_into`](crate::Endpoint::read_into) reads into and
 /// [`Endpoint::write_from`](crate::Endpoint::write_from) writes from. Derefs to `[u8]`.
 pub struct ArenaSlice<'a> {
     buf: &'a mut [u8],
-    reg: Option<&'a (dyn Any + Send + Sync)>,
+    reg: Option<&'a Reg>,
 }
 
 impl fmt::Debug for ArenaSlice<'_> {
@@ -267,9 +274,9 @@ impl<'a> ArenaSlice<'a> {
         self.buf.chunks_mut(size).map(move |buf| ArenaSlice { buf, reg })
     }
 
-    /// The bytes and the registration token for [`farpool_core::Transport::read_registered`].
-    pub(crate) fn parts(&mut self) -> (&mut [u8], Option<&dyn Any>) {
-        (&mut *self.buf, self.reg.map(|r| r as &dyn Any))
+    /// The bytes and the registration (the token of [`farpool_core::Transport::read_registered`]).
+    pub(crate) fn parts(&mut self) -> (&mut [u8], Option<&'a Reg>) {
+        (&mut *self.buf, self.reg)
     }
 
     /// The bytes and the token, shared (for writes).

@@ -18,6 +18,8 @@ use farpool_core::wire::MAX_OP_LEN;
 use farpool_core::{Error, ErrorKind, OpKind, OpOutput, Result, Transport, TransportKind, WorkRequest};
 
 use crate::arena::ArenaSlice;
+#[cfg(feature = "rdma")]
+use crate::lease::Expiry;
 use crate::lease::Lease;
 
 /// Connect a data transport of `kind` to the server at `addr`.
@@ -43,15 +45,42 @@ pub(crate) fn connect_transport(
 /// A per-thread data endpoint to one server. See the module docs.
 pub struct Endpoint {
     server: usize,
-    transport: Box<dyn Transport>,
+    link: Link,
     healthy: bool,
+}
+
+/// An endpoint's transport: behind the trait, or the rdma one held as itself, so that a READ into a
+/// registered arena can run the lease's expiry check while the READ is in flight (see
+/// [`Endpoint::read_into`]).
+enum Link {
+    Any(Box<dyn Transport>),
+    #[cfg(feature = "rdma")]
+    Rdma(Box<crate::rdma::RdmaLink>),
+}
+
+impl Link {
+    fn t(&mut self) -> &mut dyn Transport {
+        match self {
+            Link::Any(t) => &mut **t,
+            #[cfg(feature = "rdma")]
+            Link::Rdma(l) => &mut **l,
+        }
+    }
+
+    fn t_ref(&self) -> &dyn Transport {
+        match self {
+            Link::Any(t) => &**t,
+            #[cfg(feature = "rdma")]
+            Link::Rdma(l) => &**l,
+        }
+    }
 }
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Endpoint")
             .field("server", &self.server)
-            .field("kind", &self.transport.kind())
+            .field("kind", &self.link.t_ref().kind())
             .field("healthy", &self.healthy)
             .finish()
     }
@@ -72,7 +101,16 @@ pub(crate) fn breaks_connection(kind: ErrorKind) -> bool {
 
 impl Endpoint {
     pub(crate) fn new(server: usize, transport: Box<dyn Transport>) -> Self {
-        Self { server, transport, healthy: true }
+        Self { server, link: Link::Any(transport), healthy: true }
+    }
+
+    /// An endpoint over the client's rdma link.
+    pub(crate) fn rdma(server: usize, link: Box<crate::rdma::RdmaLink>) -> Self {
+        #[cfg(feature = "rdma")]
+        let link = Link::Rdma(link);
+        #[cfg(not(feature = "rdma"))]
+        let link = Link::Any(link);
+        Self { server, link, healthy: true }
     }
 
     /// Index of the server this endpoint reaches.
@@ -82,7 +120,7 @@ impl Endpoint {
 
     /// The transport in use.
     pub fn kind(&self) -> TransportKind {
-        self.transport.kind()
+        self.link.t_ref().kind()
     }
 
     /// Whether no connection-level failure has been seen.
@@ -93,18 +131,22 @@ impl Endpoint {
     /// The raw transport, for `post`/`poll` with addresses from [`Lease::addr`]. Harvest every raw
     /// completion before calling the lease-addressed methods again: they expect an idle endpoint.
     pub fn transport(&mut self) -> &mut dyn Transport {
-        &mut *self.transport
+        self.link.t()
     }
 
     /// The transport's descriptor to wait on when one thread drives many endpoints (see
     /// [`Transport::wait_fd`]); `None` for transports without one (shm completes at once; rdma polls).
     pub fn wait_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        self.transport.wait_fd()
+        self.link.t_ref().wait_fd()
     }
 
     /// The underlying transport, owned (e.g. to wrap it in a decorator such as `farpool_core::fault::Faulty`).
     pub fn into_transport(self) -> Box<dyn Transport> {
-        self.transport
+        match self.link {
+            Link::Any(t) => t,
+            #[cfg(feature = "rdma")]
+            Link::Rdma(l) => l,
+        }
     }
 
     fn track<T>(&mut self, r: Result<T>) -> Result<T> {
@@ -136,7 +178,7 @@ impl Endpoint {
     pub fn read(&mut self, lease: &Lease, grant: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.same_server(lease)?;
         let addr = lease.addr(grant, offset, buf.len() as u64)?;
-        let r = self.transport.read(addr, buf);
+        let r = self.link.t().read(addr, buf);
         self.track(r)
     }
 
@@ -144,20 +186,38 @@ impl Endpoint {
     pub fn write(&mut self, lease: &Lease, grant: usize, offset: u64, data: &[u8]) -> Result<()> {
         self.same_server(lease)?;
         let addr = lease.addr(grant, offset, data.len() as u64)?;
-        let r = self.transport.write(addr, data);
+        let r = self.link.t().write(addr, data);
         self.track(r)
     }
 
     /// Read `dst.len()` bytes at `offset` of grant `grant` of `lease` into `dst`, a slice of an
     /// [`Arena`](crate::Arena): over rdma with a registered arena the NIC places them there with no
     /// copy; otherwise as [`read`](Self::read).
+    ///
+    /// Over rdma the lease's bounds are checked before the READ is sent and its expiry (a clock read)
+    /// while the READ is in flight, so that the clock is not read between one completion and the next
+    /// post: on Soft-RoCE under emulation that time decides the latency. A lease that turns out to be
+    /// expired fails the call with `Revoked` once the NIC is done, and `dst` may then hold the bytes
+    /// read (of this lease's own slab: the server revokes a slab's rkey before anyone else gets it).
     pub fn read_into(&mut self, lease: &Lease, grant: usize, offset: u64, dst: &mut ArenaSlice<'_>) -> Result<()> {
         self.same_server(lease)?;
         let (buf, reg) = dst.parts();
-        let addr = lease.addr(grant, offset, buf.len() as u64)?;
+        let len = buf.len() as u64;
+        #[cfg(feature = "rdma")]
+        if let (Link::Rdma(link), Some(reg)) = (&mut self.link, reg) {
+            let (addr, expiry) = lease.state.check_bounds(grant, offset, len)?;
+            let r = match expiry {
+                Expiry::Checked => link.read_checked(addr, buf, reg, &mut || Ok(())),
+                Expiry::Deferred => {
+                    link.read_checked(addr, buf, reg, &mut || lease.state.check_expiry(grant, offset, len))
+                }
+            };
+            return self.track(r);
+        }
+        let addr = lease.addr(grant, offset, len)?;
         let r = match reg {
-            Some(reg) => self.transport.read_registered(addr, buf, reg),
-            None => self.transport.read(addr, buf),
+            Some(reg) => self.link.t().read_registered(addr, buf, reg),
+            None => self.link.t().read(addr, buf),
         };
         self.track(r)
     }
@@ -170,8 +230,8 @@ impl Endpoint {
         let (data, reg) = src.shared_parts();
         let addr = lease.addr(grant, offset, data.len() as u64)?;
         let r = match reg {
-            Some(reg) => self.transport.write_registered(addr, data, reg),
-            None => self.transport.write(addr, data),
+            Some(reg) => self.link.t().write_registered(addr, data, reg),
+            None => self.link.t().write(addr, data),
         };
         self.track(r)
     }
@@ -180,7 +240,7 @@ impl Endpoint {
     pub fn compare_swap(&mut self, lease: &Lease, grant: usize, offset: u64, expect: u64, new: u64) -> Result<u64> {
         self.same_server(lease)?;
         let addr = lease.addr(grant, offset, 8)?;
-        let r = self.transport.compare_swap(addr, expect, new);
+        let r = self.link.t().compare_swap(addr, expect, new);
         self.track(r)
     }
 
@@ -188,7 +248,7 @@ impl Endpoint {
     pub fn fetch_add(&mut self, lease: &Lease, grant: usize, offset: u64, add: u64) -> Result<u64> {
         self.same_server(lease)?;
         let addr = lease.addr(grant, offset, 8)?;
-        let r = self.transport.fetch_add(addr, add);
+        let r = self.link.t().fetch_add(addr, add);
         self.track(r)
     }
 
@@ -243,7 +303,7 @@ impl Endpoint {
 
     /// Execute `wrs` (ids `0..n`) and return their outputs indexed by id, or the lowest-id error.
     fn run(&mut self, wrs: Vec<WorkRequest>, n: usize) -> Result<Vec<OpOutput>> {
-        let r = self.transport.execute(wrs);
+        let r = self.link.t().execute(wrs);
         let completions = self.track(r)?;
         let mut slots: Vec<Option<Result<OpOutput>>> = (0..n).map(|_| None).collect();
         for c in completions {

@@ -12,6 +12,10 @@
 //! the local clock (the expiry is computed from the *send* time of the renewal, so it never runs ahead of
 //! the server's), the grant index exists, `offset + len` stays inside the grant, and the slab is neither
 //! revoked nor past its revoke deadline. The server checks again; the client check only fails faster.
+//! One exception, for a READ into a registered arena over rdma (`Endpoint::read_into`): when the lease
+//! is clean, the bounds are checked before the READ is sent and the expiry (the clock read) while it is
+//! in flight; an expired lease then fails the call with `Revoked` after the fact, and the arena may hold
+//! the bytes read from the lease's own slab (a slab is revoked at the NIC before anyone else gets it).
 //! A lease is in the pool's registry exactly while it is `Active`. Dropping a handle releases the lease
 //! (best effort, without waiting); [`Lease::release`] waits for the server's answer.
 
@@ -218,8 +222,9 @@ impl LeaseState {
         }
     }
 
-    /// The address of `len` bytes at `offset` of grant `grant`, after the client-side checks.
-    pub(crate) fn check(&self, grant: usize, offset: u64, len: u64) -> Result<RemoteAddr> {
+    /// Grant `grant`, if `len` bytes at `offset` lie inside it; `OutOfRange` if not.
+    #[inline]
+    fn in_bounds(&self, grant: usize, offset: u64, len: u64) -> Result<&SlabGrant> {
         let g = self.grants.get(grant).ok_or_else(|| {
             Error::new(
                 ErrorKind::OutOfRange,
@@ -233,12 +238,21 @@ impl LeaseState {
                 format!("{len} bytes at offset {offset} exceed grant {grant} (slab {}) of {} bytes", g.slab, g.len),
             ));
         }
-        // Fast path: an active lease with nothing revoked or under notice, before its expiry.
+        Ok(g)
+    }
+
+    /// The lock-free check: an active lease with nothing revoked or under notice, before its expiry
+    /// (coarse clock, with slack). `false` means "ask the precise path", not "denied".
+    #[inline]
+    fn clean_now(&self) -> bool {
         let until = self.clean_until.load(Ordering::Acquire);
-        if until != 0
-            && let Some((now, slack)) = mono::coarse_ns()
-            && now.saturating_add(slack) < until
-        {
+        until != 0 && mono::coarse_ns().is_some_and(|(now, slack)| now.saturating_add(slack) < until)
+    }
+
+    /// The address of `len` bytes at `offset` of grant `grant`, after the client-side checks.
+    pub(crate) fn check(&self, grant: usize, offset: u64, len: u64) -> Result<RemoteAddr> {
+        let g = self.in_bounds(grant, offset, len)?;
+        if self.clean_now() {
             return Ok(RemoteAddr::in_grant(g, offset));
         }
         let m = self.m.lock();
@@ -252,6 +266,43 @@ impl LeaseState {
             return revoked(format!("slab {} is past its revoke deadline", g.slab));
         }
         Ok(RemoteAddr::in_grant(g, offset))
+    }
+}
+
+/// What [`LeaseState::check_bounds`] left to check.
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+#[derive(Debug)]
+pub(crate) enum Expiry {
+    /// Nothing: every check ran.
+    Checked,
+    /// The clock: the lease was clean (active, nothing revoked or under notice) when the bounds were
+    /// checked; [`LeaseState::check_expiry`] finishes the check.
+    Deferred,
+}
+
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+impl LeaseState {
+    /// [`check`](Self::check) split for an operation whose result can be refused after it ran (a READ
+    /// into the caller's memory): the bounds now, and the expiry, which reads a clock, later with
+    /// [`check_expiry`](Self::check_expiry) when the lease is clean. A lease that is not clean gets
+    /// the whole check now.
+    #[inline]
+    pub(crate) fn check_bounds(&self, grant: usize, offset: u64, len: u64) -> Result<(RemoteAddr, Expiry)> {
+        let g = self.in_bounds(grant, offset, len)?;
+        if self.clean_until.load(Ordering::Acquire) != 0 {
+            return Ok((RemoteAddr::in_grant(g, offset), Expiry::Deferred));
+        }
+        self.check(grant, offset, len).map(|a| (a, Expiry::Checked))
+    }
+
+    /// The rest of [`check_bounds`](Self::check_bounds) after [`Expiry::Deferred`]: the same verdict
+    /// as [`check`](Self::check) now.
+    #[inline]
+    pub(crate) fn check_expiry(&self, grant: usize, offset: u64, len: u64) -> Result<()> {
+        if self.clean_now() {
+            return Ok(());
+        }
+        self.check(grant, offset, len).map(drop)
     }
 }
 
@@ -466,5 +517,33 @@ mod tests {
         assert!(open(&short) && short.check(0, 0, 8).is_err(), "expired: the clock closes the fast path");
         short.renewed(Instant::now(), 60_000, None);
         assert!(short.check(0, 0, 8).is_ok());
+    }
+
+    /// The split check (bounds before a READ is sent, expiry while it is in flight) gives the same
+    /// verdicts as the whole one.
+    #[test]
+    fn the_split_check_defers_only_the_clock_of_a_clean_lease() {
+        let deferred = |r: Result<(RemoteAddr, Expiry)>| matches!(r, Ok((_, Expiry::Deferred)));
+        let s = state(60_000);
+        assert!(deferred(s.check_bounds(1, 4088, 8)), "a clean lease leaves the clock for later");
+        assert_eq!(s.check_bounds(1, 4090, 8).unwrap_err().kind(), ErrorKind::OutOfRange, "bounds come first");
+        assert_eq!(s.check_bounds(2, 0, 8).unwrap_err().kind(), ErrorKind::OutOfRange);
+        assert!(s.check_expiry(1, 4088, 8).is_ok());
+
+        // Not clean: everything is checked at once, and a refusal comes before anything is sent.
+        s.mark_revoked(&[SlabId(11)]);
+        assert_eq!(s.check_bounds(1, 0, 8).unwrap_err().kind(), ErrorKind::Revoked);
+        assert!(matches!(s.check_bounds(0, 0, 8), Ok((_, Expiry::Checked))));
+
+        // Clean when the bounds were checked, expired by the time the clock is read.
+        let short = state(1);
+        assert!(deferred(short.check_bounds(0, 0, 8)));
+        std::thread::sleep(Duration::from_millis(5));
+        let e = short.check_expiry(0, 0, 8).unwrap_err();
+        assert!(e.kind() == ErrorKind::Revoked && e.message().contains("expired"), "{e}");
+        short.renewed(Instant::now(), 60_000, None);
+        assert!(short.check_expiry(0, 0, 8).is_ok());
+        assert!(short.finish(LeaseStatus::Released));
+        assert_eq!(short.check_expiry(0, 0, 8).unwrap_err().kind(), ErrorKind::Revoked);
     }
 }

@@ -314,8 +314,8 @@ impl Core {
         }
         if kind == TransportKind::Rdma {
             let slot = &self.servers[server];
-            let t = crate::rdma::connect(&slot.addr, c, slot.rdma_grants.clone())?;
-            return Ok(Endpoint::new(server, t));
+            let link = crate::rdma::connect(&slot.addr, c, slot.rdma_grants.clone())?;
+            return Ok(Endpoint::rdma(server, link));
         }
         let t = connect_transport(
             kind,

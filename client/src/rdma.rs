@@ -74,8 +74,15 @@ pub(crate) fn unavailable(sel: &DeviceSelector) -> Option<String> {
 #[cfg(feature = "rdma")]
 pub(crate) use imp::device;
 
+/// The client's RDMA data transport (the `RdmaTransport` and the server's grant book).
+#[cfg(feature = "rdma")]
+pub(crate) use imp::RdmaLink;
+/// Without the `rdma` feature no RDMA link is ever made ([`connect`] fails).
+#[cfg(not(feature = "rdma"))]
+pub(crate) type RdmaLink = dyn Transport;
+
 /// Connect an RDMA data endpoint, on the device `cfg.rdma` selects, to the server at `addr`.
-pub(crate) fn connect(addr: &str, cfg: &PoolConfig, book: Arc<GrantBook>) -> Result<Box<dyn Transport>> {
+pub(crate) fn connect(addr: &str, cfg: &PoolConfig, book: Arc<GrantBook>) -> Result<Box<RdmaLink>> {
     imp::connect(addr, cfg, book)
 }
 
@@ -90,7 +97,7 @@ mod imp {
     use farpool_core::tcp::{client_handshake, connect_bounded};
     use farpool_core::wire::{self, FrameReader, Msg};
     use farpool_core::{Completion, Error, ErrorKind, OpOutput, RemoteAddr, TransportKind, WorkRequest};
-    use farpool_rdma::{Context, Endpoint, EndpointConfig, QpExchange, QpInfo, RdmaTransport};
+    use farpool_rdma::{Context, Endpoint, EndpointConfig, QpExchange, QpInfo, RdmaTransport, Registration};
 
     use super::*;
 
@@ -151,7 +158,7 @@ mod imp {
         }
     }
 
-    pub(super) fn connect(addr: &str, cfg: &PoolConfig, book: Arc<GrantBook>) -> Result<Box<dyn Transport>> {
+    pub(crate) fn connect(addr: &str, cfg: &PoolConfig, book: Arc<GrantBook>) -> Result<Box<RdmaLink>> {
         let (name, connect_timeout, op_timeout, inflight_max) =
             (&cfg.name, cfg.connect_timeout, cfg.op_timeout, cfg.inflight_max);
         let ctx = device(&cfg.rdma).map_err(|why| Error::new(ErrorKind::Unsupported, why))?;
@@ -173,7 +180,7 @@ mod imp {
     }
 
     /// `RdmaTransport` plus the server's grant book, synced into the transport before each post.
-    struct RdmaLink {
+    pub(crate) struct RdmaLink {
         t: RdmaTransport,
         book: Arc<GrantBook>,
         seen: u64,
@@ -181,6 +188,20 @@ mod imp {
     }
 
     impl RdmaLink {
+        /// A READ into `buf`, registered as `reg`, with `check` run while it is in flight (see
+        /// `RdmaTransport::read_registered_checked`).
+        #[inline]
+        pub(crate) fn read_checked(
+            &mut self,
+            addr: RemoteAddr,
+            buf: &mut [u8],
+            reg: &Arc<Registration>,
+            check: &mut dyn FnMut() -> Result<()>,
+        ) -> Result<()> {
+            self.sync();
+            self.t.read_registered_checked(addr, buf, reg, check)
+        }
+
         fn sync(&mut self) {
             let generation = self.book.generation();
             if generation == self.seen {

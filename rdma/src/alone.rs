@@ -19,6 +19,10 @@
 //! same run of the task; one that arrives after the task went idle queues new work and wakes a kworker,
 //! ~7 us more per READ in the guest. See BENCHMARKS.md (rdma, session 6).
 //!
+//! A caller's check that may run late (`Endpoint::read_to_checked`: the client's lease-expiry check,
+//! which reads a clock) runs right after the doorbell, while the device works, by the same rule; its
+//! error is returned once the device is done with the caller's memory.
+//!
 //! Anything unusual leaves this path for the general one, which then owns the operation: a check that
 //! refuses the operation (it is re-run there, to produce the precise error), a staging ring without
 //! room (the 16 KiB scratch buffer serves small staged operations without the ring's lock), a failed
@@ -79,6 +83,7 @@ impl Endpoint {
         len: u32,
         local: Alone<'_>,
         into: Option<&mut [u8]>,
+        check: Option<&mut dyn FnMut() -> Result<()>>,
     ) -> Option<Result<Output>> {
         if !self.records.is_empty() || !matches!(self.state, EndpointState::Ready) || len == 0 {
             return None;
@@ -214,6 +219,13 @@ impl Endpoint {
             self.fail_unposted(self.records.len() - 1, err);
             return Some(self.wait_sync());
         }
+        // The caller's deferred check, while the device works; its error is reported once the device is
+        // done with the local memory (the operation's own error first).
+        let deferred = check.and_then(|c| c().err());
+        let settle = |r: Result<Output>| match deferred {
+            Some(e) => r.and(Err(e)),
+            None => r,
+        };
 
         // SAFETY: all-zero is a valid `ibv_wc` (integers only); the provider fills it.
         let mut wc: sys::ibv_wc = unsafe { std::mem::zeroed() };
@@ -237,14 +249,14 @@ impl Endpoint {
                 if polls >= self.cfg.spin_polls {
                     // Slow today: the general path takes over (yielding, `op_timeout`, flush, teardown).
                     self.records.push_back(to_record(local_of()));
-                    return Some(self.wait_sync());
+                    return Some(settle(self.wait_sync()));
                 }
             }
         }
         if wc.status != wc_status::SUCCESS {
             self.records.push_back(to_record(local_of()));
             self.on_cqe(seq, wc.status, wc.vendor_err);
-            return Some(self.wait_sync());
+            return Some(settle(self.wait_sync()));
         }
         if kind == Kind::Read
             && into.is_none()
@@ -256,12 +268,12 @@ impl Endpoint {
             if let Local::Staged(span) = rec.local {
                 self.staging.free(span);
             }
-            return Some(Ok(out));
+            return Some(settle(Ok(out)));
         }
         let at = match staged {
             Staged::No => {
                 // (zero-copy and inline operations are READs or WRITEs, checked above)
-                return Some(Ok(if kind == Kind::Read { Output::Placed } else { Output::Write }));
+                return Some(settle(Ok(if kind == Kind::Read { Output::Placed } else { Output::Write })));
             }
             Staged::Scratch => self.scratch.registration().ptr().as_ptr(),
             // SAFETY: the span lies inside the staging buffer.
@@ -288,6 +300,6 @@ impl Endpoint {
         if let Staged::Span(span) = staged {
             self.staging.free(span);
         }
-        Some(Ok(out))
+        Some(settle(Ok(out)))
     }
 }

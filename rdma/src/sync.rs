@@ -19,7 +19,7 @@ const FLUSH_GRACE: Duration = Duration::from_secs(1);
 impl Endpoint {
     /// RDMA READ of `len` bytes (through the staging buffer).
     pub fn read(&mut self, remote: Remote, len: u32) -> Result<Bytes> {
-        let alone = self.run_alone(Kind::Read, remote, len, Alone::Staged, None);
+        let alone = self.run_alone(Kind::Read, remote, len, Alone::Staged, None, None);
         match alone.unwrap_or_else(|| {
             self.run_sync(|ep| ep.admit(0, Kind::Read, remote, u64::from(len), None, 0, true), &[])
         })? {
@@ -31,8 +31,9 @@ impl Endpoint {
     /// RDMA WRITE of `data` (inline when small enough, else through the staging buffer).
     pub fn write(&mut self, remote: Remote, data: &[u8]) -> Result<()> {
         let len = data.len() as u64;
-        let alone =
-            u32::try_from(len).ok().and_then(|l| self.run_alone(Kind::Write, remote, l, Alone::Write(data), None));
+        let alone = u32::try_from(len)
+            .ok()
+            .and_then(|l| self.run_alone(Kind::Write, remote, l, Alone::Write(data), None, None));
         match alone
             .unwrap_or_else(|| self.run_sync(|ep| ep.admit(0, Kind::Write, remote, len, Some(data), 0, true), data))?
         {
@@ -44,7 +45,7 @@ impl Endpoint {
     /// Atomic compare-and-swap of the u64 at `remote` (8-byte aligned); returns the old value.
     pub fn compare_swap(&mut self, remote: Remote, expect: u64, new: u64) -> Result<u64> {
         let kind = Kind::Cas { expect, new };
-        let alone = self.run_alone(kind, remote, 8, Alone::Staged, None);
+        let alone = self.run_alone(kind, remote, 8, Alone::Staged, None, None);
         match alone.unwrap_or_else(|| self.run_sync(|ep| ep.admit(0, kind, remote, 8, None, 0, true), &[]))? {
             Output::Atomic(v) => Ok(v),
             o => Err(unexpected("compare_swap", &o)),
@@ -54,7 +55,7 @@ impl Endpoint {
     /// Atomic fetch-and-add on the u64 at `remote` (8-byte aligned); returns the old value.
     pub fn fetch_add(&mut self, remote: Remote, add: u64) -> Result<u64> {
         let kind = Kind::Faa { add };
-        let alone = self.run_alone(kind, remote, 8, Alone::Staged, None);
+        let alone = self.run_alone(kind, remote, 8, Alone::Staged, None, None);
         match alone.unwrap_or_else(|| self.run_sync(|ep| ep.admit(0, kind, remote, 8, None, 0, true), &[]))? {
             Output::Atomic(v) => Ok(v),
             o => Err(unexpected("fetch_add", &o)),
@@ -64,12 +65,12 @@ impl Endpoint {
     /// Zero-copy RDMA READ of `len` bytes into `buf[offset..]`. Safe: `buf` stays borrowed until the NIC is
     /// done with it (on a timeout the queue pair is destroyed before this returns).
     pub fn read_into(&mut self, buf: &mut LocalBuffer, offset: usize, len: u32, remote: Remote) -> Result<()> {
-        self.direct(Kind::Read, buf.registration(), offset, len, remote)
+        self.direct(Kind::Read, buf.registration(), offset, len, remote, None)
     }
 
     /// Zero-copy RDMA WRITE of `buf[offset..offset + len]`.
     pub fn write_from(&mut self, buf: &LocalBuffer, offset: usize, len: u32, remote: Remote) -> Result<()> {
-        self.direct(Kind::Write, buf.registration(), offset, len, remote)
+        self.direct(Kind::Write, buf.registration(), offset, len, remote, None)
     }
 
     /// Zero-copy RDMA READ of `buf.len()` bytes into `buf`, a range of memory registered as `reg` with
@@ -79,24 +80,59 @@ impl Endpoint {
     /// only into `buf`, which this call borrows mutably until the NIC is done with it.
     pub fn read_to(&mut self, reg: &Arc<Registration>, buf: &mut [u8], remote: Remote) -> Result<()> {
         let (offset, len) = place(reg, buf.as_ptr(), buf.len())?;
-        self.direct(Kind::Read, reg, offset, len, remote)
+        self.direct(Kind::Read, reg, offset, len, remote, None)
+    }
+
+    /// [`read_to`](Self::read_to) with a check of the caller's that may run late: on the depth-1 path
+    /// `check` runs right after the READ is posted, while the device works (so its cost is not between
+    /// one completion and the next post); otherwise before the READ is posted. If it fails, the call
+    /// returns its error once the device is done with `buf`, whose contents are then unspecified (the
+    /// READ's own error, if it failed too, comes first). For checks that only decide whether the
+    /// result may be used, e.g. a lease's expiry; a check that must keep the READ from being sent at
+    /// all belongs before the call.
+    pub fn read_to_checked(
+        &mut self,
+        reg: &Arc<Registration>,
+        buf: &mut [u8],
+        remote: Remote,
+        check: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        let (offset, len) = place(reg, buf.as_ptr(), buf.len())?;
+        self.direct(Kind::Read, reg, offset, len, remote, Some(check))
     }
 
     /// Zero-copy RDMA WRITE of `data`, a range of memory registered as `reg` (see
     /// [`read_to`](Self::read_to)).
     pub fn write_of(&mut self, reg: &Arc<Registration>, data: &[u8], remote: Remote) -> Result<()> {
         let (offset, len) = place(reg, data.as_ptr(), data.len())?;
-        self.direct(Kind::Write, reg, offset, len, remote)
+        self.direct(Kind::Write, reg, offset, len, remote, None)
     }
 
     /// One blocking zero-copy operation on `reg[offset..offset + len]`: the depth-1 path when it is
-    /// eligible, else the general one.
+    /// eligible, else the general one. `check`: see [`read_to_checked`](Self::read_to_checked).
     #[inline]
-    fn direct(&mut self, kind: Kind, reg: &Arc<Registration>, offset: usize, len: u32, remote: Remote) -> Result<()> {
+    fn direct(
+        &mut self,
+        kind: Kind,
+        reg: &Arc<Registration>,
+        offset: usize,
+        len: u32,
+        remote: Remote,
+        mut check: Option<&mut dyn FnMut() -> Result<()>>,
+    ) -> Result<()> {
         let want_read = kind == Kind::Read;
-        let out = match self.run_alone(kind, remote, len, Alone::Direct { reg, offset }, None) {
+        let local = Alone::Direct { reg, offset };
+        let alone = match &mut check {
+            Some(c) => self.run_alone(kind, remote, len, local, None, Some(&mut **c)),
+            None => self.run_alone(kind, remote, len, local, None, None),
+        };
+        let out = match alone {
             Some(r) => r?,
             None => {
+                // (not posted: the depth-1 path did not run the check)
+                if let Some(check) = check {
+                    check()?;
+                }
                 let dir = if want_read { Direction::Read } else { Direction::Write };
                 let op = DirectOp { wr_id: 0, dir, local: reg.clone(), offset, len, remote };
                 self.run_sync(|ep| ep.admit_direct(&op, kind, 0, true), &[])?

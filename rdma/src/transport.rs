@@ -130,6 +130,26 @@ impl RdmaTransport {
         }
     }
 
+    /// [`Transport::read_registered`] into `reg` (memory registered with this transport's device) with
+    /// a check of the caller's that may run while the READ is in flight: see
+    /// [`Endpoint::read_to_checked`]. A registration of another device is read with a copy, after the
+    /// check; so is a read of more than one operation.
+    pub fn read_registered_checked(
+        &mut self,
+        addr: RemoteAddr,
+        buf: &mut [u8],
+        reg: &Arc<Registration>,
+        check: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        if buf.len() > MAX_OP_LEN as usize || !Arc::ptr_eq(reg.context(), self.ep.context()) {
+            check()?;
+            return self.read_registered(addr, buf, reg);
+        }
+        let remote = self.resolve(&addr, buf.len() as u64)?;
+        self.revive()?;
+        self.ep.read_to_checked(reg, buf, remote, check)
+    }
+
     /// Local checks that need no NIC: op size and alignment, RDMA credential present, grant bounds.
     fn precheck(&self, wr: &WorkRequest) -> Result<Remote> {
         wr.op.check(&wr.addr)?;
@@ -178,7 +198,7 @@ impl RdmaTransport {
             OpKind::Write { data } => Alone::Write(data),
             _ => Alone::Staged,
         };
-        self.ep.run_alone(kind_of(&wr.op), remote, len, local, into)
+        self.ep.run_alone(kind_of(&wr.op), remote, len, local, into, None)
     }
 }
 
@@ -317,7 +337,7 @@ impl Transport for RdmaTransport {
         if data.len() <= MAX_OP_LEN as usize && self.idle() {
             let len = data.len() as u32;
             let remote = self.resolve(&addr, u64::from(len))?;
-            if let Some(result) = self.ep.run_alone(Kind::Write, remote, len, Alone::Write(data), None) {
+            if let Some(result) = self.ep.run_alone(Kind::Write, remote, len, Alone::Write(data), None, None) {
                 return match result? {
                     Output::Write => Ok(()),
                     o => Err(Error::new(ErrorKind::Internal, format!("write completed as {o:?}"))),

@@ -244,6 +244,34 @@ fn caller_memory_is_read_into_and_written_from_in_place() {
         c.read_to(&reg, &mut arena.as_mut_slice()[..n], at(65536)).unwrap();
     }
 
+    // A check run while the READ is in flight: once on the depth-1 path; its error comes back after
+    // the READ landed, and the endpoint keeps working.
+    let mut runs = 0;
+    c.read_to_checked(&reg, &mut arena.as_mut_slice()[..8], at(0), &mut || {
+        runs += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(runs, 1);
+    arena.as_mut_slice()[..8].fill(0xee);
+    let e = c
+        .read_to_checked(&reg, &mut arena.as_mut_slice()[..8], at(65536), &mut || {
+            Err(farpool_core::Error::new(ErrorKind::Revoked, "lease expired meanwhile"))
+        })
+        .unwrap_err();
+    assert_eq!((e.kind(), e.message()), (ErrorKind::Revoked, "lease expired meanwhile"), "{e}");
+    assert_eq!(&arena.as_slice()[..8], &arena.as_slice()[8192..8192 + 8], "the READ itself completed");
+    c.read_to(&reg, &mut arena.as_mut_slice()[..8], at(0)).unwrap();
+    // An operation error comes before the check's: a READ past the grant fails at the NIC (on an
+    // endpoint of its own, whose queue pair that error ends).
+    let (mut doomed, _s) = pair(&ctx);
+    let e = doomed
+        .read_to_checked(&reg, &mut arena.as_mut_slice()[..8], at(1 << 20), &mut || {
+            Err(farpool_core::Error::new(ErrorKind::Revoked, "not this one"))
+        })
+        .unwrap_err();
+    assert_ne!(e.message(), "not this one", "{e}");
+
     // Memory that is not inside the registration: refused, and the endpoint keeps working.
     let mut elsewhere = vec![0u8; 64];
     let e = c.read_to(&reg, &mut elsewhere, at(0)).unwrap_err();
@@ -261,6 +289,23 @@ fn caller_memory_is_read_into_and_written_from_in_place() {
     let e =
         t.read_registered(RemoteAddr::in_grant(&g, (1 << 20) - 8), &mut arena.as_mut_slice()[..16], &reg).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::OutOfRange, "{e}");
+    let mut runs = 0;
+    let mut count = || {
+        runs += 1;
+        Ok(())
+    };
+    t.read_registered_checked(RemoteAddr::in_grant(&g, 100_000), &mut arena.as_mut_slice()[..8192], &reg, &mut count)
+        .unwrap();
+    t.read_registered_checked(RemoteAddr::in_grant(&g, 0), &mut arena.as_mut_slice()[..(1 << 15)], &reg, &mut count)
+        .unwrap();
+    assert_eq!(runs, 2, "once per call");
+    let e = t
+        .read_registered_checked(RemoteAddr::in_grant(&g, 100_000), &mut arena.as_mut_slice()[..8], &reg, &mut || {
+            Err(farpool_core::Error::new(ErrorKind::Revoked, "expired"))
+        })
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Revoked);
+    t.read_registered(RemoteAddr::in_grant(&g, 100_000), &mut arena.as_mut_slice()[..8], &reg).unwrap();
 
     // The memory back: refused while a clone of the registration lives, then the same allocation.
     let arena = arena.into_box().expect_err("a clone of the registration is alive");
