@@ -201,7 +201,7 @@ pub fn run(a: &RdmaArgs) -> Result<ExitCode> {
     let lease = pool.lease(0, 1)?;
     ensure!(lease.grants()[0].len >= a.bw_size.max(*a.lat_sizes.iter().max().unwrap_or(&8)), "slab too small");
     let kept = if a.keep_endpoint { Some(rdma_endpoint(&pool)?) } else { None };
-    let mut eps = Endpoints { pool: &pool, kept };
+    let mut eps = Endpoints { pool: &pool, kept, settle: Duration::from_millis(a.settle_ms) };
     let max_lat = a.lat_sizes.iter().copied().max().unwrap_or(8);
     let mut arena = pool.arena(usize::try_from(max_lat)?).context("arena for the READ latency phases")?;
     ensure!(arena.device().is_some(), "the arena is not registered with an RDMA device");
@@ -246,6 +246,8 @@ fn rdma_endpoint(pool: &Pool) -> Result<Endpoint> {
 struct Endpoints<'a> {
     pool: &'a Pool,
     kept: Option<Endpoint>,
+    /// Pause after closing a fresh endpoint (both sides tear their queue pair down meanwhile).
+    settle: Duration,
 }
 
 impl Endpoints<'_> {
@@ -253,7 +255,13 @@ impl Endpoints<'_> {
     fn with<T>(&mut self, phase: impl FnOnce(&mut Endpoint) -> Result<T>) -> Result<T> {
         match &mut self.kept {
             Some(ep) => phase(ep),
-            None => phase(&mut rdma_endpoint(self.pool)?),
+            None => {
+                let mut ep = rdma_endpoint(self.pool)?;
+                let r = phase(&mut ep);
+                drop(ep);
+                std::thread::sleep(self.settle);
+                r
+            }
         }
     }
 }
