@@ -275,6 +275,7 @@ impl<'a> ArenaSlice<'a> {
     }
 
     /// The bytes and the registration (the token of [`farpool_core::Transport::read_registered`]).
+    #[inline]
     pub(crate) fn parts(&mut self) -> (&mut [u8], Option<&'a Reg>) {
         (&mut *self.buf, self.reg)
     }

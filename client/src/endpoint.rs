@@ -149,6 +149,7 @@ impl Endpoint {
         }
     }
 
+    #[inline]
     fn track<T>(&mut self, r: Result<T>) -> Result<T> {
         if let Err(e) = &r
             && breaks_connection(e.kind())
@@ -199,19 +200,19 @@ impl Endpoint {
     /// post: on Soft-RoCE under emulation that time decides the latency. A lease that turns out to be
     /// expired fails the call with `Revoked` once the NIC is done, and `dst` may then hold the bytes
     /// read (of this lease's own slab: the server revokes a slab's rkey before anyone else gets it).
+    #[inline]
     pub fn read_into(&mut self, lease: &Lease, grant: usize, offset: u64, dst: &mut ArenaSlice<'_>) -> Result<()> {
         self.same_server(lease)?;
         let (buf, reg) = dst.parts();
         let len = buf.len() as u64;
         #[cfg(feature = "rdma")]
         if let (Link::Rdma(link), Some(reg)) = (&mut self.link, reg) {
+            // (Inlined down to the post: on Soft-RoCE under emulation each call and return between one
+            // completion and the next post costs; see BENCHMARKS.md, rdma, session 9.)
             let (addr, expiry) = lease.state.check_bounds(grant, offset, len)?;
-            let r = match expiry {
-                Expiry::Checked => link.read_checked(addr, buf, reg, &mut || Ok(())),
-                Expiry::Deferred => {
-                    link.read_checked(addr, buf, reg, &mut || lease.state.check_expiry(grant, offset, len))
-                }
-            };
+            let deferred = matches!(expiry, Expiry::Deferred);
+            let check = || if deferred { lease.state.check_expiry(grant, offset, len) } else { Ok(()) };
+            let r = link.read_checked(addr, buf, reg, check);
             return self.track(r);
         }
         let addr = lease.addr(grant, offset, len)?;

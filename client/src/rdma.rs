@@ -55,6 +55,7 @@ impl GrantBook {
     }
 
     #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    #[inline]
     fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
@@ -196,17 +197,23 @@ mod imp {
             addr: RemoteAddr,
             buf: &mut [u8],
             reg: &Arc<Registration>,
-            check: &mut dyn FnMut() -> Result<()>,
+            check: impl FnMut() -> Result<()>,
         ) -> Result<()> {
             self.sync();
             self.t.read_registered_checked(addr, buf, reg, check)
         }
 
+        /// Bring the transport's grants up to the book's (a generation compare when nothing changed).
+        #[inline]
         fn sync(&mut self) {
             let generation = self.book.generation();
-            if generation == self.seen {
-                return;
+            if generation != self.seen {
+                self.sync_from(generation);
             }
+        }
+
+        #[cold]
+        fn sync_from(&mut self, generation: u64) {
             let now = self.book.snapshot();
             for (rkey, g) in &self.known {
                 if now.get(rkey) != Some(g) {

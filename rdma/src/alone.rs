@@ -19,6 +19,14 @@
 //! same run of the task; one that arrives after the task went idle queues new work and wakes a kworker,
 //! ~7 us more per READ in the guest. See BENCHMARKS.md (rdma, session 6).
 //!
+//! Zero-copy READs and WRITEs (a buffer manager's frames) take [`Endpoint::direct_alone`], which is
+//! small and `#[inline(always)]`, as are the layers above it down from the client library's
+//! `Endpoint::read_into`; everything unusual goes to one cold [`Endpoint::hand_over`]. Under TCG each
+//! call and return between a completion and the next post costs tens of nanoseconds (a return is an
+//! indirect jump, looked up by the emulator), and in the same boot perftest's own loop written in Rust
+//! on our queue pair ran at 0.6-0.9x `ib_read_lat`'s median while the layered path ran at 1.2-1.6x
+//! (BENCHMARKS.md, rdma, session 9).
+//!
 //! A caller's check that may run late (`Endpoint::read_to_checked`: the client's lease-expiry check,
 //! which reads a clock) runs right after the doorbell, while the device works, by the same rule; its
 //! error is returned once the device is done with the caller's memory.
@@ -47,7 +55,7 @@ use crate::staging::Span;
 /// Where a depth-1 operation's local bytes are.
 #[derive(Clone, Copy)]
 enum Staged {
-    /// Caller's memory (zero-copy, or inline).
+    /// Caller's bytes, inline in the work request.
     No,
     /// The endpoint's scratch buffer.
     Scratch,
@@ -55,11 +63,10 @@ enum Staged {
     Span(Span),
 }
 
-/// The local side of a depth-1 operation.
+/// The local side of a staged or inline depth-1 operation (zero-copy ones take
+/// [`Endpoint::direct_alone`]).
 #[derive(Clone, Copy)]
 pub(crate) enum Alone<'a> {
-    /// The caller's registered memory (zero-copy READ into / WRITE from it).
-    Direct { reg: &'a Arc<Registration>, offset: usize },
     /// A WRITE of the caller's bytes: inline when they fit `max_inline`, else copied into the scratch
     /// buffer (or a staging span) first.
     Write(&'a [u8]),
@@ -83,13 +90,11 @@ impl Endpoint {
         len: u32,
         local: Alone<'_>,
         into: Option<&mut [u8]>,
-        check: Option<&mut dyn FnMut() -> Result<()>>,
     ) -> Option<Result<Output>> {
         if !self.records.is_empty() || !matches!(self.state, EndpointState::Ready) || len == 0 {
             return None;
         }
-        let atomic = matches!(kind, Kind::Cas { .. } | Kind::Faa { .. });
-        if !matches!(local, Alone::Direct { .. }) && self.refusal(kind, remote, u64::from(len)).is_some() {
+        if self.refusal(kind, remote, u64::from(len)).is_some() {
             return None;
         }
         if into
@@ -105,12 +110,6 @@ impl Endpoint {
             unsafe { (QueuePair::qp(&qp.qp).as_ptr(), CompletionQueue::cq(&self.cq).as_ptr()) }
         };
         let (addr, lkey, staged, inline) = match local {
-            Alone::Direct { reg, offset } => {
-                if atomic || !Arc::ptr_eq(reg.context(), &self.ctx) || reg.check_range(offset, len as usize).is_err() {
-                    return None;
-                }
-                (reg.addr() + offset as u64, reg.lkey(), Staged::No, false)
-            }
             Alone::Write(data) if kind == Kind::Write && data.len() == len as usize && len <= self.max_inline() => {
                 (data.as_ptr() as u64, 0, Staged::No, true)
             }
@@ -160,7 +159,6 @@ impl Endpoint {
         let local_of = || match (local, staged) {
             (_, Staged::Span(span)) => Local::Staged(span),
             (_, Staged::Scratch) => Local::Scratch,
-            (Alone::Direct { reg, offset }, Staged::No) => Local::Direct { reg: reg.clone(), offset },
             _ => Local::Inline,
         };
 
@@ -196,67 +194,16 @@ impl Endpoint {
                 wr.wr.atomic = sys::atomic_t { remote_addr: remote.addr, compare_add: add, swap: 0, rkey: remote.rkey };
             }
         }
-        crate::clock::probe::post();
-        let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
-        // SAFETY: `qp` is live (above); the work request and its SGE live on this stack frame for the
-        // call; the local range is registered (checked above, or a fresh staging span) and stays valid
-        // until the completion: the caller's buffer is borrowed by the blocking call, and a staging span
-        // stays reserved until it is freed after the completion (here or by the general path).
-        let ret = unsafe { sys::ibv_post_send(qp, &mut wr, &mut bad) };
-        // Bookkeeping after the doorbell, not before it (see the module docs: the time from one
-        // completion to the next post is what decides Soft-RoCE's latency mode).
-        self.next_seq += 1;
-        self.since_signal = 0;
-        self.sync_done = None;
+        let ret = self.post_one(qp, &mut wr);
         // A copied READ's output buffer is allocated while the device works, not after the completion.
         let mut out_buf = (kind == Kind::Read && into.is_none() && matches!(staged, Staged::Scratch))
             .then(|| Vec::with_capacity(len as usize));
         if ret != 0 {
-            self.records.push_back(to_record(local_of()));
-            let err =
-                Error::new(ErrorKind::Io, "ibv_post_send failed").with_source(std::io::Error::from_raw_os_error(ret));
-            tracing::warn!(error = %err, "posting failed; queue pair moved to the error state");
-            self.fail_unposted(self.records.len() - 1, err);
-            return Some(self.wait_sync());
+            return Some(self.hand_over(to_record(local_of()), Waited::NotPosted(ret), None));
         }
-        // The caller's deferred check, while the device works; its error is reported once the device is
-        // done with the local memory (the operation's own error first).
-        let deferred = check.and_then(|c| c().err());
-        let settle = |r: Result<Output>| match deferred {
-            Some(e) => r.and(Err(e)),
-            None => r,
-        };
-
-        // SAFETY: all-zero is a valid `ibv_wc` (integers only); the provider fills it.
-        let mut wc: sys::ibv_wc = unsafe { std::mem::zeroed() };
-        let mut polls = 0u32;
-        loop {
-            // SAFETY: `cq` is live (above); `wc` has room for the one entry asked for.
-            let n = unsafe { sys::ibv_poll_cq(cq, 1, &mut wc) };
-            if n > 0 && wc.wr_id == seq {
-                crate::clock::probe::completion();
-                break;
-            }
-            if n < 0 {
-                self.records.push_back(to_record(local_of()));
-                let err = std::io::Error::from_raw_os_error(-n);
-                return Some(Err(Error::new(ErrorKind::Io, "ibv_poll_cq failed").with_source(err)));
-            }
-            if n == 0 {
-                // (n > 0 with another wr_id: a late completion of an operation already finished or
-                // destroyed, as `reap` would ignore it; nothing else can be in flight.)
-                polls += 1;
-                if polls >= self.cfg.spin_polls {
-                    // Slow today: the general path takes over (yielding, `op_timeout`, flush, teardown).
-                    self.records.push_back(to_record(local_of()));
-                    return Some(settle(self.wait_sync()));
-                }
-            }
-        }
-        if wc.status != wc_status::SUCCESS {
-            self.records.push_back(to_record(local_of()));
-            self.on_cqe(seq, wc.status, wc.vendor_err);
-            return Some(settle(self.wait_sync()));
+        match self.wait_one(cq, seq) {
+            Waited::Done => {}
+            why => return Some(self.hand_over(to_record(local_of()), why, None)),
         }
         if kind == Kind::Read
             && into.is_none()
@@ -268,12 +215,12 @@ impl Endpoint {
             if let Local::Staged(span) = rec.local {
                 self.staging.free(span);
             }
-            return Some(settle(Ok(out)));
+            return Some(Ok(out));
         }
         let at = match staged {
             Staged::No => {
-                // (zero-copy and inline operations are READs or WRITEs, checked above)
-                return Some(settle(Ok(if kind == Kind::Read { Output::Placed } else { Output::Write })));
+                // (only inline WRITEs)
+                return Some(Ok(Output::Write));
             }
             Staged::Scratch => self.scratch.registration().ptr().as_ptr(),
             // SAFETY: the span lies inside the staging buffer.
@@ -300,6 +247,242 @@ impl Endpoint {
         if let Staged::Span(span) = staged {
             self.staging.free(span);
         }
-        Some(settle(Ok(out)))
+        Some(Ok(out))
+    }
+}
+
+/// How the wait for a depth-1 operation ended, when it did not simply complete.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Waited {
+    /// Completed successfully.
+    Done,
+    /// `ibv_post_send` failed with this errno: nothing was posted.
+    NotPosted(i32),
+    /// `ibv_poll_cq` failed with this (negative) value.
+    PollFailed(i32),
+    /// No completion within `spin_polls` polls.
+    Slow,
+    /// An error completion.
+    Error { status: u32, vendor: u32 },
+}
+
+impl Endpoint {
+    /// The doorbell of a depth-1 operation, then the sequence bookkeeping (after it: see the module
+    /// docs). The work request's `wr_id` is `self.next_seq`. Returns `ibv_post_send`'s value.
+    #[inline(always)]
+    fn post_one(&mut self, qp: *mut sys::ibv_qp, wr: &mut sys::ibv_send_wr) -> i32 {
+        crate::clock::probe::post();
+        let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
+        // SAFETY: the caller passes a live queue pair (borrowed from `self`) and a work request whose
+        // SGE and local memory stay valid until the completion (see the callers).
+        let ret = unsafe { sys::ibv_post_send(qp, wr, &mut bad) };
+        self.next_seq += 1;
+        self.since_signal = 0;
+        self.sync_done = None;
+        ret
+    }
+
+    /// Spin on a one-entry `ibv_poll_cq` until the completion of `seq` (perftest's loop).
+    #[inline(always)]
+    fn wait_one(&self, cq: *mut sys::ibv_cq, seq: u64) -> Waited {
+        // SAFETY: all-zero is a valid `ibv_wc` (integers only); the provider fills it.
+        let mut wc: sys::ibv_wc = unsafe { std::mem::zeroed() };
+        let mut polls = 0u32;
+        loop {
+            // SAFETY: `cq` is live (borrowed from `self` by the caller); `wc` has room for one entry.
+            let n = unsafe { sys::ibv_poll_cq(cq, 1, &mut wc) };
+            if n > 0 && wc.wr_id == seq {
+                crate::clock::probe::completion();
+                break;
+            }
+            if n < 0 {
+                return Waited::PollFailed(n);
+            }
+            if n == 0 {
+                // (n > 0 with another wr_id: a late completion of an operation already finished or
+                // destroyed, as `reap` would ignore it; nothing else can be in flight.)
+                polls += 1;
+                if polls >= self.cfg.spin_polls {
+                    return Waited::Slow;
+                }
+            }
+        }
+        if wc.status == wc_status::SUCCESS {
+            Waited::Done
+        } else {
+            Waited::Error { status: wc.status, vendor: wc.vendor_err }
+        }
+    }
+
+    /// The general path takes over a depth-1 operation that did not simply complete: `rec` is the
+    /// record it would have made (sequence number already posted, unless `why` is `NotPosted`).
+    /// `deferred`: the error of the caller's late check, reported after the operation's own.
+    #[cold]
+    #[inline(never)]
+    fn hand_over(&mut self, rec: Record, why: Waited, deferred: Option<Error>) -> Result<Output> {
+        let seq = rec.seq;
+        self.records.push_back(rec);
+        let r = match why {
+            Waited::NotPosted(ret) => {
+                let err = Error::new(ErrorKind::Io, "ibv_post_send failed")
+                    .with_source(std::io::Error::from_raw_os_error(ret));
+                tracing::warn!(error = %err, "posting failed; queue pair moved to the error state");
+                self.fail_unposted(self.records.len() - 1, err);
+                self.wait_sync()
+            }
+            Waited::PollFailed(n) => {
+                let err = std::io::Error::from_raw_os_error(-n);
+                return Err(Error::new(ErrorKind::Io, "ibv_poll_cq failed").with_source(err));
+            }
+            // Slow today: the general path finishes it (yielding, `op_timeout`, flush, teardown).
+            Waited::Slow | Waited::Done => self.wait_sync(),
+            Waited::Error { status, vendor } => {
+                self.on_cqe(seq, status, vendor);
+                self.wait_sync()
+            }
+        };
+        match deferred {
+            Some(e) => r.and(Err(e)),
+            None => r,
+        }
+    }
+
+    /// The depth-1 path of a zero-copy READ into / WRITE from `reg[offset..offset + len]` (the
+    /// buffer manager's page fault and write-back), kept small so that it inlines into its callers: on
+    /// Soft-RoCE under emulation every call and return between one completion and the next post costs
+    /// (BENCHMARKS.md, rdma, session 9). `None`: not eligible, nothing done (the check did not run);
+    /// use the general path. `check` runs right after the doorbell, as in [`run_alone`](Self::run_alone).
+    #[inline(always)]
+    pub(crate) fn direct_alone(
+        &mut self,
+        kind: Kind,
+        reg: &Arc<Registration>,
+        offset: usize,
+        len: u32,
+        remote: Remote,
+        check: Option<&mut impl FnMut() -> Result<()>>,
+    ) -> Option<Result<()>> {
+        let read = kind == Kind::Read;
+        if !self.records.is_empty()
+            || !matches!(self.state, EndpointState::Ready)
+            || len == 0
+            || !(read || kind == Kind::Write)
+            || !Arc::ptr_eq(reg.context(), &self.ctx)
+            || !reg.contains(offset, len as usize)
+        {
+            return None;
+        }
+        let (qp, cq) = {
+            let qp = self.qp.as_ref()?;
+            // SAFETY: as in `run_alone`: borrowed handles of objects that outlive this call.
+            unsafe { (QueuePair::qp(&qp.qp).as_ptr(), CompletionQueue::cq(&self.cq).as_ptr()) }
+        };
+        let seq = self.next_seq;
+        let mut sge = sys::ibv_sge { addr: reg.addr() + offset as u64, length: len, lkey: reg.lkey() };
+        // SAFETY: all-zero is a valid `ibv_send_wr` (see `run_alone`); the fields of a READ or WRITE are
+        // set below.
+        let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = seq;
+        wr.sg_list = &mut sge;
+        wr.num_sge = 1;
+        wr.send_flags = sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
+        wr.opcode = if read { sys::ibv_wr_opcode::IBV_WR_RDMA_READ } else { sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE };
+        wr.wr.rdma = sys::rdma_t { remote_addr: remote.addr, rkey: remote.rkey };
+        let record = |reg: &Arc<Registration>| Record {
+            seq,
+            wr_id: 0,
+            kind,
+            remote,
+            len,
+            local: Local::Direct { reg: reg.clone(), offset },
+            src: 0,
+            overdue: false,
+            sync: true,
+            failed: None,
+        };
+        // (The local range is registered and stays borrowed by the blocking caller until the
+        // completion, or until the general path has finished the operation.)
+        let ret = self.post_one(qp, &mut wr);
+        if ret != 0 {
+            return Some(self.hand_over(record(reg), Waited::NotPosted(ret), None).map(drop));
+        }
+        let deferred = check.and_then(|c| c().err());
+        match self.wait_one(cq, seq) {
+            Waited::Done => Some(match deferred {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }),
+            why => Some(self.hand_over(record(reg), why, deferred).map(drop)),
+        }
+    }
+}
+
+#[cfg(feature = "probe")]
+impl Endpoint {
+    /// Diagnostic floor (feature `probe`): perftest's `ib_read_lat` loop on this endpoint's own queue
+    /// pair and completion queue. For each of `n` READs of `len` bytes into `reg` at `offset`: `stamp(i)`,
+    /// one `ibv_post_send` of a stack work request, then a one-entry `ibv_poll_cq` spin; `stamp(n)` after
+    /// the last. None of the endpoint's bookkeeping runs, so it is only valid on a ready endpoint with
+    /// nothing in flight, and it leaves the endpoint's sequence numbers alone (`wr_id` is `u64::MAX`, which
+    /// the endpoint ignores as a stray completion). Any error completion or failure ends the loop with
+    /// an error; the queue pair may then be in error, so drop the endpoint.
+    pub fn probe_raw_reads(
+        &mut self,
+        reg: &Arc<Registration>,
+        offset: usize,
+        len: u32,
+        remote: Remote,
+        n: usize,
+        mut stamp: impl FnMut(usize),
+    ) -> Result<()> {
+        if !self.records.is_empty() || !matches!(self.state, EndpointState::Ready) {
+            return Err(Error::new(ErrorKind::Internal, "probe_raw_reads needs a ready, idle endpoint"));
+        }
+        if !Arc::ptr_eq(reg.context(), &self.ctx) {
+            return Err(Error::new(ErrorKind::Config, "the registration belongs to another device context"));
+        }
+        reg.check_range(offset, len as usize)?;
+        let (qp, cq) = {
+            let qp = self.qp.as_ref().ok_or_else(|| Error::new(ErrorKind::Internal, "no queue pair"))?;
+            // SAFETY: as in `run_alone`: borrowed handles of objects that outlive this call.
+            unsafe { (QueuePair::qp(&qp.qp).as_ptr(), CompletionQueue::cq(&self.cq).as_ptr()) }
+        };
+        let mut sge = sys::ibv_sge { addr: reg.addr() + offset as u64, length: len, lkey: reg.lkey() };
+        // SAFETY: all-zero is a valid `ibv_send_wr` (see `run_alone`); the fields for a READ are set below.
+        let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = u64::MAX;
+        wr.num_sge = 1;
+        wr.send_flags = sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
+        wr.opcode = sys::ibv_wr_opcode::IBV_WR_RDMA_READ;
+        wr.wr.rdma = sys::rdma_t { remote_addr: remote.addr, rkey: remote.rkey };
+        // SAFETY: all-zero is a valid `ibv_wc`.
+        let mut wc: sys::ibv_wc = unsafe { std::mem::zeroed() };
+        for i in 0..n {
+            stamp(i);
+            wr.sg_list = &mut sge;
+            let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
+            // SAFETY: live handles (above); the work request and SGE live on this frame; the local range
+            // is registered (checked above) and `reg` is borrowed for the whole loop.
+            let ret = unsafe { sys::ibv_post_send(qp, &mut wr, &mut bad) };
+            if ret != 0 {
+                return Err(Error::new(ErrorKind::Io, "ibv_post_send failed")
+                    .with_source(std::io::Error::from_raw_os_error(ret)));
+            }
+            loop {
+                // SAFETY: live CQ; room for one entry.
+                let got = unsafe { sys::ibv_poll_cq(cq, 1, &mut wc) };
+                if got < 0 {
+                    return Err(Error::new(ErrorKind::Io, "ibv_poll_cq failed"));
+                }
+                if got > 0 && wc.wr_id == u64::MAX {
+                    break;
+                }
+            }
+            if wc.status != wc_status::SUCCESS {
+                return Err(Error::new(ErrorKind::Io, format!("READ completed with status {}", wc.status)));
+            }
+        }
+        stamp(n);
+        Ok(())
     }
 }

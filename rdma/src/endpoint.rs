@@ -509,11 +509,13 @@ impl Endpoint {
     }
 
     /// Lifecycle state.
+    #[inline]
     pub fn state(&self) -> &EndpointState {
         &self.state
     }
 
     /// The device context.
+    #[inline]
     pub fn context(&self) -> &Arc<Context> {
         &self.ctx
     }

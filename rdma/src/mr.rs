@@ -132,6 +132,8 @@ pub struct Registration {
     _owner: Option<Box<dyn std::any::Any + Send + Sync>>,
     ptr: NonNull<u8>,
     len: usize,
+    /// `mr`'s local key, kept here so the depth-1 path reads a field instead of calling into sideway.
+    lkey: u32,
     ctx: Arc<Context>,
 }
 
@@ -173,10 +175,12 @@ impl Registration {
             let hint = "ulimit -l too low? (RDMA pins the pages)";
             verbs(ErrorKind::Io, format!("ibv_reg_mr of {len} bytes at {:p} failed; {hint}", ptr.as_ptr()), e)
         })?;
-        Ok(Self { mr, _owner: owner, ptr, len, ctx: ctx.clone() })
+        let lkey = mr.lkey();
+        Ok(Self { mr, _owner: owner, ptr, len, lkey, ctx: ctx.clone() })
     }
 
     /// Address of the first byte (what a peer puts in its work requests for an rkey of this MR).
+    #[inline]
     pub fn addr(&self) -> u64 {
         self.ptr.as_ptr() as u64
     }
@@ -192,8 +196,9 @@ impl Registration {
     }
 
     /// Local key.
+    #[inline]
     pub fn lkey(&self) -> u32 {
-        self.mr.lkey()
+        self.lkey
     }
 
     /// Remote key (meaningful only with remote access).
@@ -202,12 +207,20 @@ impl Registration {
     }
 
     /// The device it is registered with.
+    #[inline]
     pub fn context(&self) -> &Arc<Context> {
         &self.ctx
     }
 
+    #[inline]
     pub(crate) fn ptr(&self) -> NonNull<u8> {
         self.ptr
+    }
+
+    /// Whether `offset..offset + len` lies inside.
+    #[inline]
+    pub fn contains(&self, offset: usize, len: usize) -> bool {
+        offset.checked_add(len).is_some_and(|end| end <= self.len)
     }
 
     /// Check that `offset..offset + len` lies inside; `OutOfRange` otherwise.
@@ -291,7 +304,7 @@ impl LocalBuffer {
             Ok(r) => r,
             Err(reg) => return Err(Self { reg }),
         };
-        let Registration { mr, _owner, ptr, len, ctx } = reg;
+        let Registration { mr, _owner, ptr, len, lkey, ctx } = reg;
         let _owner = match _owner.map(|o| o.downcast::<BoxBlock>()) {
             Some(Ok(block)) => {
                 // The MR first: the NIC loses access before the memory changes hands.
@@ -301,7 +314,7 @@ impl LocalBuffer {
             Some(Err(other)) => Some(other),
             None => None,
         };
-        Err(Self { reg: Arc::new(Registration { mr, _owner, ptr, len, ctx }) })
+        Err(Self { reg: Arc::new(Registration { mr, _owner, ptr, len, lkey, ctx }) })
     }
 
     /// The registration (for the zero-copy endpoint calls).

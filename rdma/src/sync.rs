@@ -19,7 +19,7 @@ const FLUSH_GRACE: Duration = Duration::from_secs(1);
 impl Endpoint {
     /// RDMA READ of `len` bytes (through the staging buffer).
     pub fn read(&mut self, remote: Remote, len: u32) -> Result<Bytes> {
-        let alone = self.run_alone(Kind::Read, remote, len, Alone::Staged, None, None);
+        let alone = self.run_alone(Kind::Read, remote, len, Alone::Staged, None);
         match alone.unwrap_or_else(|| {
             self.run_sync(|ep| ep.admit(0, Kind::Read, remote, u64::from(len), None, 0, true), &[])
         })? {
@@ -31,9 +31,8 @@ impl Endpoint {
     /// RDMA WRITE of `data` (inline when small enough, else through the staging buffer).
     pub fn write(&mut self, remote: Remote, data: &[u8]) -> Result<()> {
         let len = data.len() as u64;
-        let alone = u32::try_from(len)
-            .ok()
-            .and_then(|l| self.run_alone(Kind::Write, remote, l, Alone::Write(data), None, None));
+        let alone =
+            u32::try_from(len).ok().and_then(|l| self.run_alone(Kind::Write, remote, l, Alone::Write(data), None));
         match alone
             .unwrap_or_else(|| self.run_sync(|ep| ep.admit(0, Kind::Write, remote, len, Some(data), 0, true), data))?
         {
@@ -45,7 +44,7 @@ impl Endpoint {
     /// Atomic compare-and-swap of the u64 at `remote` (8-byte aligned); returns the old value.
     pub fn compare_swap(&mut self, remote: Remote, expect: u64, new: u64) -> Result<u64> {
         let kind = Kind::Cas { expect, new };
-        let alone = self.run_alone(kind, remote, 8, Alone::Staged, None, None);
+        let alone = self.run_alone(kind, remote, 8, Alone::Staged, None);
         match alone.unwrap_or_else(|| self.run_sync(|ep| ep.admit(0, kind, remote, 8, None, 0, true), &[]))? {
             Output::Atomic(v) => Ok(v),
             o => Err(unexpected("compare_swap", &o)),
@@ -55,7 +54,7 @@ impl Endpoint {
     /// Atomic fetch-and-add on the u64 at `remote` (8-byte aligned); returns the old value.
     pub fn fetch_add(&mut self, remote: Remote, add: u64) -> Result<u64> {
         let kind = Kind::Faa { add };
-        let alone = self.run_alone(kind, remote, 8, Alone::Staged, None, None);
+        let alone = self.run_alone(kind, remote, 8, Alone::Staged, None);
         match alone.unwrap_or_else(|| self.run_sync(|ep| ep.admit(0, kind, remote, 8, None, 0, true), &[]))? {
             Output::Atomic(v) => Ok(v),
             o => Err(unexpected("fetch_add", &o)),
@@ -64,13 +63,15 @@ impl Endpoint {
 
     /// Zero-copy RDMA READ of `len` bytes into `buf[offset..]`. Safe: `buf` stays borrowed until the NIC is
     /// done with it (on a timeout the queue pair is destroyed before this returns).
+    #[inline]
     pub fn read_into(&mut self, buf: &mut LocalBuffer, offset: usize, len: u32, remote: Remote) -> Result<()> {
-        self.direct(Kind::Read, buf.registration(), offset, len, remote, None)
+        self.direct(Kind::Read, buf.registration(), offset, len, remote, NO_CHECK)
     }
 
     /// Zero-copy RDMA WRITE of `buf[offset..offset + len]`.
+    #[inline]
     pub fn write_from(&mut self, buf: &LocalBuffer, offset: usize, len: u32, remote: Remote) -> Result<()> {
-        self.direct(Kind::Write, buf.registration(), offset, len, remote, None)
+        self.direct(Kind::Write, buf.registration(), offset, len, remote, NO_CHECK)
     }
 
     /// Zero-copy RDMA READ of `buf.len()` bytes into `buf`, a range of memory registered as `reg` with
@@ -78,9 +79,10 @@ impl Endpoint {
     /// `buf` does not lie inside `reg` or is longer than one operation, `Config` for a registration of
     /// another device. Safe for the same reason as [`read_into`](Self::read_into): the NIC writes
     /// only into `buf`, which this call borrows mutably until the NIC is done with it.
+    #[inline]
     pub fn read_to(&mut self, reg: &Arc<Registration>, buf: &mut [u8], remote: Remote) -> Result<()> {
         let (offset, len) = place(reg, buf.as_ptr(), buf.len())?;
-        self.direct(Kind::Read, reg, offset, len, remote, None)
+        self.direct(Kind::Read, reg, offset, len, remote, NO_CHECK)
     }
 
     /// [`read_to`](Self::read_to) with a check of the caller's that may run late: on the depth-1 path
@@ -90,27 +92,29 @@ impl Endpoint {
     /// READ's own error, if it failed too, comes first). For checks that only decide whether the
     /// result may be used, e.g. a lease's expiry; a check that must keep the READ from being sent at
     /// all belongs before the call.
+    #[inline]
     pub fn read_to_checked(
         &mut self,
         reg: &Arc<Registration>,
         buf: &mut [u8],
         remote: Remote,
-        check: &mut dyn FnMut() -> Result<()>,
+        mut check: impl FnMut() -> Result<()>,
     ) -> Result<()> {
         let (offset, len) = place(reg, buf.as_ptr(), buf.len())?;
-        self.direct(Kind::Read, reg, offset, len, remote, Some(check))
+        self.direct(Kind::Read, reg, offset, len, remote, Some(&mut check))
     }
 
     /// Zero-copy RDMA WRITE of `data`, a range of memory registered as `reg` (see
     /// [`read_to`](Self::read_to)).
+    #[inline]
     pub fn write_of(&mut self, reg: &Arc<Registration>, data: &[u8], remote: Remote) -> Result<()> {
         let (offset, len) = place(reg, data.as_ptr(), data.len())?;
-        self.direct(Kind::Write, reg, offset, len, remote, None)
+        self.direct(Kind::Write, reg, offset, len, remote, NO_CHECK)
     }
 
     /// One blocking zero-copy operation on `reg[offset..offset + len]`: the depth-1 path when it is
     /// eligible, else the general one. `check`: see [`read_to_checked`](Self::read_to_checked).
-    #[inline]
+    #[inline(always)]
     fn direct(
         &mut self,
         kind: Kind,
@@ -118,27 +122,34 @@ impl Endpoint {
         offset: usize,
         len: u32,
         remote: Remote,
-        mut check: Option<&mut dyn FnMut() -> Result<()>>,
+        mut check: Option<&mut impl FnMut() -> Result<()>>,
     ) -> Result<()> {
-        let want_read = kind == Kind::Read;
-        let local = Alone::Direct { reg, offset };
-        let alone = match &mut check {
-            Some(c) => self.run_alone(kind, remote, len, local, None, Some(&mut **c)),
-            None => self.run_alone(kind, remote, len, local, None, None),
-        };
-        let out = match alone {
-            Some(r) => r?,
+        match self.direct_alone(kind, reg, offset, len, remote, check.as_deref_mut()) {
+            Some(r) => r,
             None => {
-                // (not posted: the depth-1 path did not run the check)
-                if let Some(check) = check {
-                    check()?;
-                }
-                let dir = if want_read { Direction::Read } else { Direction::Write };
-                let op = DirectOp { wr_id: 0, dir, local: reg.clone(), offset, len, remote };
-                self.run_sync(|ep| ep.admit_direct(&op, kind, 0, true), &[])?
+                self.direct_general(kind, reg, offset, len, remote, check.map(|c| c as &mut dyn FnMut() -> Result<()>))
             }
-        };
-        match out {
+        }
+    }
+
+    /// [`direct`](Self::direct) on the general path (the depth-1 one was not eligible and did nothing).
+    #[inline(never)]
+    fn direct_general(
+        &mut self,
+        kind: Kind,
+        reg: &Arc<Registration>,
+        offset: usize,
+        len: u32,
+        remote: Remote,
+        check: Option<&mut dyn FnMut() -> Result<()>>,
+    ) -> Result<()> {
+        if let Some(check) = check {
+            check()?;
+        }
+        let want_read = kind == Kind::Read;
+        let dir = if want_read { Direction::Read } else { Direction::Write };
+        let op = DirectOp { wr_id: 0, dir, local: reg.clone(), offset, len, remote };
+        match self.run_sync(|ep| ep.admit_direct(&op, kind, 0, true), &[])? {
             Output::Placed if want_read => Ok(()),
             Output::Write if !want_read => Ok(()),
             o => Err(unexpected(if want_read { "read_into" } else { "write_from" }, &o)),
@@ -219,11 +230,16 @@ fn place(reg: &Registration, ptr: *const u8, len: usize) -> Result<(usize, u32)>
     };
     let offset = (ptr as u64).checked_sub(reg.addr()).ok_or_else(outside)?;
     let offset = usize::try_from(offset).map_err(|_| outside())?;
-    reg.check_range(offset, len).map_err(|_| outside())?;
+    if !reg.contains(offset, len) {
+        return Err(outside());
+    }
     let len = u32::try_from(len)
         .map_err(|_| Error::new(ErrorKind::OutOfRange, format!("{len} bytes is more than one operation carries")))?;
     Ok((offset, len))
 }
+
+/// No caller's check (the type of `direct`'s `None`).
+const NO_CHECK: Option<&mut fn() -> Result<()>> = None;
 
 fn unexpected(what: &str, o: &Output) -> Error {
     Error::new(ErrorKind::Internal, format!("{what} completed as {o:?}"))

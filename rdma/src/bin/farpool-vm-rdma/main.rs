@@ -6,7 +6,7 @@
 //! ```text
 //! farpool-vm-rdma [--device rxe_lo] [--gid-index 1] [--require-device] [--atomic-ops N] [--case NAME]...
 //! farpool-vm-rdma --list
-//! farpool-vm-rdma --lat read|read-staged|read-transport|read-direct|mix|write|faa|cas [--size 8] [--iters 1000] [--depth 1] [--spin POLLS]
+//! farpool-vm-rdma --lat read|read-staged|read-transport|read-direct|read-raw|mix|write|faa|cas [--size 8] [--iters 1000] [--depth 1] [--spin POLLS]
 //!                 [--legacy-verbs] [--clock-instant]
 //! farpool-vm-rdma --bw read|write [--size 65536] [--iters 2000] [--depth 16]
 //! farpool-vm-rdma --listen PORT       (server only; then --lat/--bw ... --connect 127.0.0.1:PORT elsewhere)
@@ -84,7 +84,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--lat" => {
                 a.lat = Some(
                     PerfOp::parse(&val()?)
-                        .ok_or("--lat read|read-staged|read-transport|read-direct|mix|write|faa|cas")?,
+                        .ok_or("--lat read|read-staged|read-transport|read-direct|read-raw|mix|write|faa|cas")?,
                 )
             }
             "--bw" => a.bw = Some(PerfOp::parse(&val()?).ok_or("--bw read|write")?),
@@ -113,7 +113,7 @@ pub fn fail<T>(kind: ErrorKind, message: impl Into<String>) -> Result<T> {
 fn usage() -> &'static str {
     "usage: farpool-vm-rdma [--device NAME] [--gid-index N] [--require-device] [--atomic-ops N] [--case NAME]...\n\
      \x20      farpool-vm-rdma --list\n\
-     \x20      farpool-vm-rdma --lat read|read-staged|read-transport|read-direct|mix|write|faa|cas [--size 8] [--iters 1000] [--depth 1] [--spin POLLS] [--legacy-verbs] [--clock-instant]\n\
+     \x20      farpool-vm-rdma --lat read|read-staged|read-transport|read-direct|read-raw|mix|write|faa|cas [--size 8] [--iters 1000] [--depth 1] [--spin POLLS] [--legacy-verbs] [--clock-instant]\n\
      \x20      farpool-vm-rdma --bw read|write [--size 65536] [--iters 2000] [--depth 16] [--connect ADDR]\n\
      \x20      farpool-vm-rdma --listen PORT\n\
      cases: readwrite batch atomics revoke out-of-range peer-gone"

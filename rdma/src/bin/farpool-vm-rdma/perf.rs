@@ -28,6 +28,10 @@ pub enum PerfOp {
     /// READ through `post_direct` + `poll_completions` (the batched zero-copy path); also reports the
     /// time spent posting.
     ReadDirect,
+    /// Diagnostic floor, `probe` builds only: perftest's own loop (`ibv_post_send` + `ibv_poll_cq`
+    /// spin) on the endpoint's queue pair, none of the endpoint's bookkeeping
+    /// (`Endpoint::probe_raw_reads`).
+    ReadRaw,
     /// The READ variants (`read`, `read-placed`, `read-staged`, `read-transport`) on one endpoint in one
     /// process, in alternating blocks: differences between them are the per-operation cost of each layer,
     /// free of what differs between processes (perftest's own minimum moves by ~10 us from run to run).
@@ -44,6 +48,7 @@ impl PerfOp {
             "read-staged" => PerfOp::ReadStaged,
             "read-transport" => PerfOp::ReadTransport,
             "read-direct" => PerfOp::ReadDirect,
+            "read-raw" => PerfOp::ReadRaw,
             "mix" => PerfOp::Mix,
             "write" => PerfOp::Write,
             "faa" | "fetch_add" | "atomic" => PerfOp::FetchAdd,
@@ -58,6 +63,7 @@ impl PerfOp {
             PerfOp::ReadStaged => "read-staged",
             PerfOp::ReadTransport => "read-transport",
             PerfOp::ReadDirect => "read-direct",
+            PerfOp::ReadRaw => "read-raw",
             PerfOp::Mix => "mix",
             PerfOp::Write => "write",
             PerfOp::FetchAdd => "faa",
@@ -123,11 +129,14 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
         report(a, &stamps, mhz);
         return Ok(());
     }
+    if op == PerfOp::ReadRaw {
+        return raw(a, &mut c.ep, &buf, at);
+    }
     let (stamps, mhz) = timed(a, |i| {
         match op {
             PerfOp::Read => c.ep.read_into(&mut buf, 0, size, at)?,
             PerfOp::ReadStaged => drop(c.ep.read(at, size)?),
-            PerfOp::ReadTransport | PerfOp::Mix => unreachable!("handled above"),
+            PerfOp::ReadTransport | PerfOp::Mix | PerfOp::ReadRaw => unreachable!("handled above"),
             PerfOp::ReadDirect => {
                 let local = buf.registration().clone();
                 ops.push(DirectOp { wr_id: i as u64, dir: Direction::Read, local, offset: 0, len: size, remote: at });
@@ -144,6 +153,27 @@ pub fn latency(ctx: &Arc<Context>, server: SocketAddr, a: &PerfArgs) -> Result<(
     })?;
     report(a, &stamps, mhz);
     Ok(())
+}
+
+/// `PerfOp::ReadRaw`: warm-up and timed loop inside `Endpoint::probe_raw_reads`, one clock read per
+/// iteration as `timed` does.
+#[cfg(feature = "probe")]
+fn raw(a: &PerfArgs, ep: &mut farpool_rdma::Endpoint, buf: &LocalBuffer, at: Remote) -> Result<()> {
+    let (iters, warmup) = (a.iters, (a.iters / 10).clamp(10, 1000));
+    let reg = buf.registration();
+    ep.probe_raw_reads(reg, 0, a.size, at, warmup, |_| {})?;
+    let clock = CycleClock::start(a.tsc);
+    let mut stamps = Vec::with_capacity(iters + 1);
+    ep.probe_raw_reads(reg, 0, a.size, at, iters, |_| stamps.push(clock.now()))?;
+    let mhz = clock.mhz();
+    clock.to_ns(&mut stamps);
+    report(a, &stamps, mhz);
+    Ok(())
+}
+
+#[cfg(not(feature = "probe"))]
+fn raw(_: &PerfArgs, _: &mut farpool_rdma::Endpoint, _: &LocalBuffer, _: Remote) -> Result<()> {
+    fail(ErrorKind::Config, "--lat read-raw needs a build with the `probe` feature (a diagnostic)")
 }
 
 /// `PerfOp::Mix`: 10 blocks of each READ variant in turn, `a.iters / 10` operations per block, on one
