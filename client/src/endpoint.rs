@@ -209,10 +209,10 @@ impl Endpoint {
         if let (Link::Rdma(link), Some(reg)) = (&mut self.link, reg) {
             // (Inlined down to the post: on Soft-RoCE under emulation each call and return between one
             // completion and the next post costs; see BENCHMARKS.md, rdma, session 9.)
-            let (addr, expiry) = lease.state.check_bounds(grant, offset, len)?;
+            let (g, expiry) = lease.state.check_bounds(grant, offset, len)?;
             let deferred = matches!(expiry, Expiry::Deferred);
             let check = || if deferred { lease.state.check_expiry(grant, offset, len) } else { Ok(()) };
-            let r = link.read_checked(addr, buf, reg, check);
+            let r = link.read_checked(g, offset, buf, reg, check);
             return self.track(r);
         }
         let addr = lease.addr(grant, offset, len)?;

@@ -283,16 +283,16 @@ pub(crate) enum Expiry {
 #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
 impl LeaseState {
     /// [`check`](Self::check) split for an operation whose result can be refused after it ran (a READ
-    /// into the caller's memory): the bounds now, and the expiry, which reads a clock, later with
+    /// into the caller's memory), giving the grant `len` bytes at `offset` lie in: the bounds now, and the expiry, which reads a clock, later with
     /// [`check_expiry`](Self::check_expiry) when the lease is clean. A lease that is not clean gets
     /// the whole check now.
     #[inline]
-    pub(crate) fn check_bounds(&self, grant: usize, offset: u64, len: u64) -> Result<(RemoteAddr, Expiry)> {
+    pub(crate) fn check_bounds(&self, grant: usize, offset: u64, len: u64) -> Result<(&SlabGrant, Expiry)> {
         let g = self.in_bounds(grant, offset, len)?;
         if self.clean_until.load(Ordering::Acquire) != 0 {
-            return Ok((RemoteAddr::in_grant(g, offset), Expiry::Deferred));
+            return Ok((g, Expiry::Deferred));
         }
-        self.check(grant, offset, len).map(|a| (a, Expiry::Checked))
+        self.check(grant, offset, len).map(|_| (g, Expiry::Checked))
     }
 
     /// The rest of [`check_bounds`](Self::check_bounds) after [`Expiry::Deferred`]: the same verdict
@@ -523,7 +523,7 @@ mod tests {
     /// verdicts as the whole one.
     #[test]
     fn the_split_check_defers_only_the_clock_of_a_clean_lease() {
-        let deferred = |r: Result<(RemoteAddr, Expiry)>| matches!(r, Ok((_, Expiry::Deferred)));
+        let deferred = |r: Result<(&SlabGrant, Expiry)>| matches!(r, Ok((_, Expiry::Deferred)));
         let s = state(60_000);
         assert!(deferred(s.check_bounds(1, 4088, 8)), "a clean lease leaves the clock for later");
         assert_eq!(s.check_bounds(1, 4090, 8).unwrap_err().kind(), ErrorKind::OutOfRange, "bounds come first");

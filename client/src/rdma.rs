@@ -96,9 +96,10 @@ mod imp {
 
     use bytes::{Bytes, BytesMut};
     use farpool_core::tcp::{client_handshake, connect_bounded};
+    use farpool_core::wire::MAX_OP_LEN;
     use farpool_core::wire::{self, FrameReader, Msg};
     use farpool_core::{Completion, Error, ErrorKind, OpOutput, RemoteAddr, TransportKind, WorkRequest};
-    use farpool_rdma::{Context, Endpoint, EndpointConfig, QpExchange, QpInfo, RdmaTransport, Registration};
+    use farpool_rdma::{Context, Endpoint, EndpointConfig, QpExchange, QpInfo, RdmaTransport, Registration, Remote};
 
     use super::*;
 
@@ -189,18 +190,28 @@ mod imp {
     }
 
     impl RdmaLink {
-        /// A READ into `buf`, registered as `reg`, with `check` run while it is in flight (see
-        /// `RdmaTransport::read_registered_checked`).
+        /// A READ of `buf.len()` bytes at `offset` of grant `g` into `buf`, registered as `reg`, with
+        /// `check` run while it is in flight (see `RdmaTransport::read_registered_checked`). The lease
+        /// has checked the range against `g`, so a READ that goes zero-copy in one operation skips the
+        /// transport's own grant lookup (`RdmaTransport::read_at_checked`).
         #[inline]
         pub(crate) fn read_checked(
             &mut self,
-            addr: RemoteAddr,
+            g: &SlabGrant,
+            offset: u64,
             buf: &mut [u8],
             reg: &Arc<Registration>,
             check: impl FnMut() -> Result<()>,
         ) -> Result<()> {
+            if buf.len() <= MAX_OP_LEN as usize
+                && g.cred.rkey != 0
+                && Arc::ptr_eq(reg.context(), self.t.endpoint().context())
+                && let Some(addr) = g.cred.base_addr.checked_add(offset)
+            {
+                return self.t.read_at_checked(Remote { addr, rkey: g.cred.rkey }, buf, reg, check);
+            }
             self.sync();
-            self.t.read_registered_checked(addr, buf, reg, check)
+            self.t.read_registered_checked(RemoteAddr::in_grant(g, offset), buf, reg, check)
         }
 
         /// Bring the transport's grants up to the book's (a generation compare when nothing changed).

@@ -154,6 +154,22 @@ impl RdmaTransport {
             return self.read_registered(addr, buf, reg);
         }
         let remote = self.resolve(&addr, buf.len() as u64)?;
+        self.read_at_checked(remote, buf, reg, check)
+    }
+
+    /// [`read_registered_checked`](Self::read_registered_checked) of a remote range the caller has
+    /// already resolved and checked against its grant (the client library's leases do): no grant
+    /// lookup here. The NIC still checks the rkey, but not the grant's bounds within a region that
+    /// spans several grants. One operation: `buf` at most [`MAX_OP_LEN`] bytes, `reg` of this
+    /// transport's device (`OutOfRange` or `Config` otherwise, as [`Endpoint::read_to`]).
+    #[inline]
+    pub fn read_at_checked(
+        &mut self,
+        remote: Remote,
+        buf: &mut [u8],
+        reg: &Arc<Registration>,
+        check: impl FnMut() -> Result<()>,
+    ) -> Result<()> {
         self.revive()?;
         self.ep.read_to_checked(reg, buf, remote, check)
     }

@@ -306,6 +306,25 @@ fn caller_memory_is_read_into_and_written_from_in_place() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Revoked);
     t.read_registered(RemoteAddr::in_grant(&g, 100_000), &mut arena.as_mut_slice()[..8], &reg).unwrap();
+    // Resolved by the caller (a lease): the same bytes, the check once, its error after the READ.
+    let at = Remote { addr: g.cred.base_addr + 100_000, rkey: g.cred.rkey };
+    let mut want = vec![0u8; 8192];
+    t.read_registered(RemoteAddr::in_grant(&g, 100_000), &mut want, &"not a registration").unwrap();
+    arena.as_mut_slice()[3 * 8192..].fill(0);
+    runs = 0;
+    let mut count = || {
+        runs += 1;
+        Ok(())
+    };
+    t.read_at_checked(at, &mut arena.as_mut_slice()[3 * 8192..], &reg, &mut count).unwrap();
+    assert_eq!(runs, 1, "once");
+    assert!(arena.as_slice()[3 * 8192..] == want[..], "read_at_checked reads what a copying read reads");
+    let e = t
+        .read_at_checked(at, &mut arena.as_mut_slice()[..8], &reg, || {
+            Err(farpool_core::Error::new(ErrorKind::Revoked, "expired"))
+        })
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Revoked);
 
     // The memory back: refused while a clone of the registration lives, then the same allocation.
     let arena = arena.into_box().expect_err("a clone of the registration is alive");
