@@ -23,9 +23,9 @@
 //! small and `#[inline(always)]`, as are the layers above it down from the client library's
 //! `Endpoint::read_into`; everything unusual goes to one cold [`Endpoint::hand_over`]. Under TCG each
 //! call and return between a completion and the next post costs tens of nanoseconds (a return is an
-//! indirect jump, looked up by the emulator), and in the same boot perftest's own loop written in Rust
-//! on our queue pair ran at 0.6-0.9x `ib_read_lat`'s median while the layered path ran at 1.2-1.6x
-//! (BENCHMARKS.md, rdma, session 9).
+//! indirect jump, looked up by the emulator). In the same boot, perftest's own loop written in Rust on
+//! our queue pair ran at 0.90x `ib_read_lat`'s median while the layered paths ran at 1.27x (endpoint)
+//! and 1.60x (client); BENCHMARKS.md, rdma, session 9.
 //!
 //! A caller's check that may run late (`Endpoint::read_to_checked`: the client's lease-expiry check,
 //! which reads a clock) runs right after the doorbell, while the device works, by the same rule; its
