@@ -194,6 +194,9 @@ impl Endpoint {
                 wr.wr.atomic = sys::atomic_t { remote_addr: remote.addr, compare_add: add, swap: 0, rkey: remote.rkey };
             }
         }
+        // (The local memory stays valid until the completion: inline bytes are copied by the provider
+        // during the call; the scratch buffer is only used here, with nothing else in flight; a staging
+        // span stays reserved until it is freed after the completion, here or by the general path.)
         let ret = self.post_one(qp, &mut wr);
         // A copied READ's output buffer is allocated while the device works, not after the completion.
         let mut out_buf = (kind == Kind::Read && into.is_none() && matches!(staged, Staged::Scratch))
@@ -351,7 +354,8 @@ impl Endpoint {
     /// buffer manager's page fault and write-back), kept small so that it inlines into its callers: on
     /// Soft-RoCE under emulation every call and return between one completion and the next post costs
     /// (BENCHMARKS.md, rdma, session 9). `None`: not eligible, nothing done (the check did not run);
-    /// use the general path. `check` runs right after the doorbell, as in [`run_alone`](Self::run_alone).
+    /// use the general path. `check` runs right after the doorbell, while the device works; its error
+    /// is returned once the device is done with the memory, after the operation's own.
     #[inline(always)]
     pub(crate) fn direct_alone(
         &mut self,
