@@ -45,8 +45,9 @@ impl PoolBackend {
         &self.pool
     }
 
-    /// Backend events translated from `from` instead of the pool's own stream (a fake one, in tests).
-    #[cfg(test)]
+    /// Backend events translated from `from` instead of the pool's own stream (a fake one, in tests;
+    /// not in the loom build, which runs only the slot's model checks).
+    #[cfg(all(test, not(farpool_loom)))]
     pub(super) fn events_from(&self, from: Receiver<PoolEvent>) -> Receiver<BackendEvent> {
         translator(from, Arc::downgrade(&self.leases))
     }
