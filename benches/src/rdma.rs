@@ -23,7 +23,10 @@
 //! each round's ratio (the "paired" line: drift over seconds cancels within a round); READ bandwidth at
 //! least 0.8x `ib_read_bw`'s average, on the medians over rounds. The ratio of the latency medians and of
 //! each side's best round are printed too. Under emulation (Soft-RoCE in qemu TCG) only the ratios
-//! mean anything.
+//! mean anything. The paired line also gives a distribution-free 95% confidence interval of that
+//! median (from 6 rounds on): a round's ratio swings 0.4-2.4 on Soft-RoCE because each run falls into
+//! one of rxe's latency modes by a race, so with few rounds the interval shows how little one boot's
+//! median can tell about a bar of 1.2.
 //!
 //! Invariants: every loop is bounded in operations and time; perftest processes are killed after
 //! `PERFTEST_TIMEOUT`; figures come from completed, successful operations.
@@ -152,6 +155,12 @@ pub struct Ratio {
     pub ratio: f64,
     /// perftest's largest median over its smallest across rounds: how steady the reference was.
     pub perftest_spread: f64,
+    /// For a "paired" line: a distribution-free 95% confidence interval of the median per-round ratio
+    /// (order statistics of the rounds' ratios, see [`median_ci95`]); `None` below 6 rounds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ci95: Option<[f64; 2]>,
+    /// How many rounds the figure is taken over.
+    pub rounds: usize,
     /// The bar ("<= 1.2" or ">= 0.8"), if this comparison has one.
     pub bar: Option<String>,
     /// Whether the bar holds.
@@ -214,12 +223,13 @@ pub fn run(a: &RdmaArgs) -> Result<ExitCode> {
     let ratios = ratios(a, &rounds);
     for x in &ratios {
         println!(
-            "rdma {}: ours {:.2} vs perftest {:.2}: ratio {:.2} spread {:.2}{}",
+            "rdma {}: ours {:.2} vs perftest {:.2}: ratio {:.2} spread {:.2}{}{}",
             x.what,
             x.ours,
             x.perftest,
             x.ratio,
             x.perftest_spread,
+            x.ci95.map(|[lo, hi]| format!(" 95% CI {lo:.2}..{hi:.2} over {} rounds", x.rounds)).unwrap_or_default(),
             x.bar
                 .as_ref()
                 .map(|b| format!(" (bar {b}: {})", if x.pass == Some(true) { "ok" } else { "MISSED" }))
@@ -453,6 +463,34 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
+/// A distribution-free 95% confidence interval for the median of `v`: the order statistics
+/// `x(k)` and `x(n+1-k)` (1-based, sorted) for the largest `k` with `P(Bin(n, 1/2) < k) <= 0.025`.
+/// It assumes only that the values are independent draws of one distribution, which is what the
+/// rounds are: on Soft-RoCE each run falls into one of rxe's latency modes by a race (BENCHMARKS.md,
+/// rdma, session 6), so a round's ratio is a draw of a wide, lumpy distribution and a few rounds
+/// cannot pin its median down. `None` below 6 values (no such `k` exists).
+pub fn median_ci95(v: &[f64]) -> Option<[f64; 2]> {
+    let n = v.len();
+    // P(Bin(n, 1/2) <= j) for j = 0, 1, ... until it passes 0.025; k is the count that stayed under.
+    let mut k = 0usize;
+    let (mut term, mut cdf) = (0.5f64.powi(i32::try_from(n).ok()?), 0.0);
+    while k < n {
+        cdf += term;
+        if cdf > 0.025 {
+            break;
+        }
+        // C(n, k+1) / C(n, k) = (n - k) / (k + 1)
+        term *= (n - k) as f64 / (k + 1) as f64;
+        k += 1;
+    }
+    if k == 0 {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    Some([s[k - 1], s[n - k]])
+}
+
 /// Largest over smallest (1.0 for fewer than two values).
 fn spread(v: &[f64]) -> f64 {
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
@@ -468,7 +506,17 @@ fn ratio(what: String, ours: Option<f64>, pts: Vec<f64>, le: Option<f64>, ge: Op
         (_, Some(m)) => (Some(format!(">= {m}")), Some(r >= m)),
         _ => (None, None),
     };
-    Some(Ratio { what, ours: o, perftest: p, ratio: r, perftest_spread: spread(&pts), bar, pass })
+    Some(Ratio {
+        what,
+        ours: o,
+        perftest: p,
+        ratio: r,
+        perftest_spread: spread(&pts),
+        ci95: None,
+        rounds: pts.len(),
+        bar,
+        pass,
+    })
 }
 
 fn ratios(a: &RdmaArgs, rounds: &[Round]) -> Vec<Ratio> {
@@ -488,6 +536,7 @@ fn ratios(a: &RdmaArgs, rounds: &[Round]) -> Vec<Ratio> {
                 .filter(|&(_, p)| p > 0.0)
                 .collect();
             let pts: Vec<f64> = pairs.iter().map(|&(_, p)| p).collect();
+            let per_round: Vec<f64> = pairs.iter().map(|&(o, p)| o / p).collect();
             if let (Some(o), Some(p), Some(r)) = (
                 median(pairs.iter().map(|&(o, _)| o).collect()),
                 median(pts.clone()),
@@ -499,6 +548,8 @@ fn ratios(a: &RdmaArgs, rounds: &[Round]) -> Vec<Ratio> {
                     perftest: p,
                     ratio: r,
                     perftest_spread: spread(&pts),
+                    ci95: median_ci95(&per_round),
+                    rounds: per_round.len(),
                     bar: barred.then(|| format!("<= {READ_LAT_RATIO_MAX}")),
                     pass: barred.then_some(r <= READ_LAT_RATIO_MAX),
                 });
@@ -543,6 +594,23 @@ mod tests {
         assert_eq!(median(vec![]), None);
     }
 
+    #[test]
+    fn median_ci95_uses_the_binomial_order_statistics() {
+        let v = |n: usize| (1..=n).map(|i| i as f64).rev().collect::<Vec<_>>();
+        // Too few rounds for any 95% interval.
+        assert_eq!(median_ci95(&v(5)), None);
+        assert_eq!(median_ci95(&[]), None);
+        // n = 6, 7, 8: P(B <= 0) <= 0.025 < P(B <= 1): the extremes.
+        assert_eq!(median_ci95(&v(6)), Some([1.0, 6.0]));
+        assert_eq!(median_ci95(&v(8)), Some([1.0, 8.0]));
+        // n = 9: P(B <= 1) = 10/512 = 0.0195: the 2nd smallest and largest.
+        assert_eq!(median_ci95(&v(9)), Some([2.0, 8.0]));
+        // n = 11: P(B <= 2) = 67/2048 = 0.033 > 0.025: still the 2nd.
+        assert_eq!(median_ci95(&v(11)), Some([2.0, 10.0]));
+        // n = 20: the 6th and 15th (the textbook table).
+        assert_eq!(median_ci95(&v(20)), Some([6.0, 15.0]));
+    }
+
     fn round(ours_p50: f64, pt_typical: f64) -> Round {
         let lat = LatPhase {
             op: "read".into(),
@@ -580,6 +648,8 @@ mod tests {
         assert!((paired.ratio - 1.1).abs() < 1e-9, "{paired:?}");
         assert_eq!(paired.pass, Some(true));
         assert!((paired.perftest_spread - 4.0).abs() < 1e-9);
+        assert_eq!(paired.rounds, 5);
+        assert_eq!(paired.ci95, None, "5 rounds give no 95% interval");
         let copy = r.iter().find(|x| x.what == "READ 8 B p50 us paired read-copy (run_one)").expect("read-copy line");
         assert!((copy.ratio - 2.2).abs() < 1e-9 && copy.bar.is_none() && copy.pass.is_none(), "{copy:?}");
         // Ours 1.5x in three rounds of five: the bar is missed.
