@@ -537,11 +537,9 @@ fn ratios(a: &RdmaArgs, rounds: &[Round]) -> Vec<Ratio> {
                 .collect();
             let pts: Vec<f64> = pairs.iter().map(|&(_, p)| p).collect();
             let per_round: Vec<f64> = pairs.iter().map(|&(o, p)| o / p).collect();
-            if let (Some(o), Some(p), Some(r)) = (
-                median(pairs.iter().map(|&(o, _)| o).collect()),
-                median(pts.clone()),
-                median(pairs.iter().map(|&(o, p)| o / p).collect()),
-            ) {
+            if let (Some(o), Some(p), Some(r)) =
+                (median(pairs.iter().map(|&(o, _)| o).collect()), median(pts.clone()), median(per_round.clone()))
+            {
                 out.push(Ratio {
                     what: format!("READ {size} B p50 us paired{label}"),
                     ours: o,
