@@ -18,7 +18,11 @@ Examples:
       all sizes (8B..1MiB), reads, latency (1 conn x qd 1) and throughput (16 conns x 16), ~60 s
   farbench tcp --op write --sizes 4K,8K --json out/write.json --svg out/write.svg
   farbench tcp --op faa --iters 20000
-  farbench tcp --server 127.0.0.1:7070 --qd 4 --threads 2 --tput-ms 0 --no-redis";
+  farbench tcp --server 127.0.0.1:7070 --qd 4 --threads 2 --tput-ms 0 --no-redis
+  farbench rdma --device rxe_lo --gid-index 1 --rounds 7 --lat-rounds 27 --json boot1.json
+      (Soft-RoCE guest) 7 full rounds beside perftest, 20 more READ latency pairs among them
+  farbench rdma-report boot1.json boot2.json boot3.json
+      the rdma ratios and bars over every round of several boots";
 
 /// perftest-style benchmarks of farpool's transports against raw TCP and Redis.
 #[derive(Parser, Debug)]
@@ -42,6 +46,8 @@ enum Command {
     Shm(shm::ShmArgs),
     /// RDMA transport: READ/WRITE/FETCH_ADD latency and READ bandwidth beside perftest, interleaved.
     Rdma(rdma::RdmaArgs),
+    /// The rdma bars over the rounds of several `farbench rdma --json` runs (boots) pooled.
+    RdmaReport(rdma::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +60,7 @@ fn main() -> ExitCode {
         Command::Bufferpool(a) => bufferpool::run(a),
         Command::Shm(a) => shm::run(a),
         Command::Rdma(a) => rdma::run(a),
+        Command::RdmaReport(a) => rdma::report(a),
     };
     match result {
         Ok(code) => code,

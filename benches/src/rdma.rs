@@ -40,7 +40,7 @@ use clap::Args;
 use farpool::{Arena, Endpoint, Lease, Pool, PoolBuilder, TransportChoice, TransportKind};
 use farpool_core::{Completion, OpKind, Transport, WorkRequest};
 use farpool_rdma::CycleClock;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::stats::LatencyHist;
 
@@ -85,6 +85,13 @@ pub struct RdmaArgs {
     /// Interleaved rounds (perftest, ours, perftest, ours...); per-round ratios and medians are compared.
     #[arg(long, default_value_t = 3)]
     pub rounds: u32,
+    /// Rounds of the barred READ latency pairs (`ib_read_lat`, then our arena READ, at each of
+    /// `--lat-sizes`), counting the full rounds; the extra ones run only that pair and are spread
+    /// among the full rounds. A pair takes a few seconds, a full round with its bandwidth phases
+    /// several times that, so this is the cheap way to narrow the paired median's 95% interval.
+    /// Default: `--rounds`.
+    #[arg(long)]
+    pub lat_rounds: Option<u32>,
     /// Pause after each perftest run before timing ours (its killed server's queue pair is torn down by
     /// the kernel meanwhile; without the pause whichever of our phases runs first pays for it).
     #[arg(long, default_value_t = 200)]
@@ -110,7 +117,7 @@ pub struct RdmaArgs {
 }
 
 /// One of our latency phases.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LatPhase {
     /// read, write, faa or cas.
     pub op: String,
@@ -128,7 +135,7 @@ pub struct LatPhase {
 }
 
 /// One round's figures.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Round {
     /// Our latency phases.
     pub ours_lat: Vec<LatPhase>,
@@ -136,8 +143,8 @@ pub struct Round {
     pub perftest_lat_typical_us: Vec<Option<f64>>,
     /// `ib_read_lat` t_min per size (microseconds).
     pub perftest_lat_min_us: Vec<Option<f64>>,
-    /// Our READ bandwidth, MiB/s.
-    pub ours_bw_mib_s: f64,
+    /// Our READ bandwidth, MiB/s (`None` in a latency-pair round, see `--lat-rounds`).
+    pub ours_bw_mib_s: Option<f64>,
     /// `ib_read_bw` average (perftest's MB/sec, 2^20 bytes).
     pub perftest_bw_mib_s: Option<f64>,
 }
@@ -167,14 +174,22 @@ pub struct Ratio {
     pub pass: Option<bool>,
 }
 
-/// Everything one run produced.
-#[derive(Clone, Debug, Serialize)]
+/// Everything one run produced (and what `farbench rdma-report` reads back).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     /// Device.
     pub device: String,
+    /// READ latency sizes, in the order of each round's `perftest_lat_*` entries (older files lack
+    /// it: [`Report::sizes`] then takes them from the first round's READ phases).
+    #[serde(default)]
+    pub lat_sizes: Vec<u64>,
+    /// Bandwidth message size (0 in older files: 64 KiB was the only size they used).
+    #[serde(default)]
+    pub bw_size: u64,
     /// Rounds, in run order.
     pub rounds: Vec<Round>,
-    /// Ratios of the medians.
+    /// Ratios of the medians (not read back: a pooled report computes its own from the rounds).
+    #[serde(skip_deserializing)]
     pub ratios: Vec<Ratio>,
 }
 
@@ -214,14 +229,50 @@ pub fn run(a: &RdmaArgs) -> Result<ExitCode> {
     let max_lat = a.lat_sizes.iter().copied().max().unwrap_or(8);
     let mut arena = pool.arena(usize::try_from(max_lat)?).context("arena for the READ latency phases")?;
     ensure!(arena.device().is_some(), "the arena is not registered with an RDMA device");
+    let total = a.lat_rounds.unwrap_or(a.rounds);
+    ensure!(
+        total >= a.rounds,
+        "--lat-rounds ({total}) counts the full rounds: it cannot be below --rounds ({})",
+        a.rounds
+    );
     let mut rounds = Vec::new();
-    for r in 0..a.rounds {
-        let round = one_round(a, r, &lease, &mut eps, &mut arena).with_context(|| format!("round {}", r + 1))?;
-        eprintln!("round {}: {}", r + 1, serde_json::to_string(&round)?);
+    let (mut full, mut pairs) = (0u32, 0u32);
+    for r in 0..total {
+        let is_full = is_full_round(r, a.rounds, total);
+        let round = if is_full {
+            full += 1;
+            one_round(a, full - 1, &lease, &mut eps, &mut arena)
+        } else {
+            pairs += 1;
+            pair_round(a, pairs - 1, &lease, &mut eps, &mut arena)
+        }
+        .with_context(|| format!("round {}", r + 1))?;
+        let kind = if is_full { "full" } else { "latency pair" };
+        eprintln!("round {}/{total} ({kind}): {}", r + 1, serde_json::to_string(&round)?);
         rounds.push(round);
     }
-    let ratios = ratios(a, &rounds);
-    for x in &ratios {
+    let report = Report::new(a.device.clone(), a.lat_sizes.clone(), a.bw_size, rounds);
+    print_ratios(&report.ratios, None);
+    if let Some(p) = &a.json {
+        crate::output::write_json(&report, p)?;
+    }
+    let missed = report.ratios.iter().any(|x| x.pass == Some(false));
+    Ok(if missed && !a.no_check { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// Whether round `r` of `total` is one of the `full` full rounds: they are spread evenly, the first
+/// round always full (so a short run still has its bandwidth figure).
+fn is_full_round(r: u32, full: u32, total: u32) -> bool {
+    let (r, full, total) = (u64::from(r), u64::from(full), u64::from(total));
+    // Round r is full when the count of full rounds up to and including it steps up.
+    (r * full).div_ceil(total) < ((r + 1) * full).div_ceil(total)
+}
+
+/// Print one `rdma ...` line per ratio (the suite's bar lines grep these); `runs` names how many
+/// runs a pooled report draws on.
+fn print_ratios(ratios: &[Ratio], runs: Option<usize>) {
+    let from = runs.map(|n| format!(" from {n} runs")).unwrap_or_default();
+    for x in ratios {
         println!(
             "rdma {}: ours {:.2} vs perftest {:.2}: ratio {:.2} spread {:.2}{}{}",
             x.what,
@@ -229,18 +280,116 @@ pub fn run(a: &RdmaArgs) -> Result<ExitCode> {
             x.perftest,
             x.ratio,
             x.perftest_spread,
-            x.ci95.map(|[lo, hi]| format!(" 95% CI {lo:.2}..{hi:.2} over {} rounds", x.rounds)).unwrap_or_default(),
+            x.ci95
+                .map(|[lo, hi]| format!(" 95% CI {lo:.2}..{hi:.2} over {} rounds{from}", x.rounds))
+                .unwrap_or_default(),
             x.bar
                 .as_ref()
                 .map(|b| format!(" (bar {b}: {})", if x.pass == Some(true) { "ok" } else { "MISSED" }))
                 .unwrap_or_default()
         );
     }
-    let report = Report { device: a.device.clone(), rounds, ratios };
-    if let Some(p) = &a.json {
-        crate::output::write_json(&report, p)?;
+}
+
+impl Report {
+    /// A report over `rounds`, with its ratios computed.
+    pub fn new(device: String, lat_sizes: Vec<u64>, bw_size: u64, rounds: Vec<Round>) -> Self {
+        let ratios = ratios(&lat_sizes, bw_size, &rounds);
+        Report { device, lat_sizes, bw_size, rounds, ratios }
     }
-    let missed = report.ratios.iter().any(|x| x.pass == Some(false));
+
+    /// The READ latency sizes: as recorded, or (older files) the first round's READ phases in order.
+    pub fn sizes(&self) -> Vec<u64> {
+        if !self.lat_sizes.is_empty() {
+            return self.lat_sizes.clone();
+        }
+        let first = self.rounds.first().map(|r| r.ours_lat.as_slice()).unwrap_or_default();
+        first.iter().filter(|p| p.op == "read").map(|p| p.size).collect()
+    }
+
+    /// The bandwidth size: as recorded, or 64 KiB (the only size older files used).
+    pub fn bandwidth_size(&self) -> u64 {
+        if self.bw_size == 0 { 64 << 10 } else { self.bw_size }
+    }
+
+    /// All rounds of `runs` as one report, with the ratios computed over all of them. Each round is
+    /// paired within itself (perftest and ours back to back in one boot), so rounds of different
+    /// boots pool: the paired median and its interval are then over every round. The runs must agree
+    /// on the device, the latency sizes and the bandwidth size.
+    pub fn pooled(runs: &[Report]) -> Result<Report> {
+        let first = runs.first().ok_or_else(|| anyhow!("no runs to pool"))?;
+        let (sizes, bw) = (first.sizes(), first.bandwidth_size());
+        let mut rounds = Vec::new();
+        for (i, r) in runs.iter().enumerate() {
+            ensure!(
+                r.device == first.device && r.sizes() == sizes && r.bandwidth_size() == bw,
+                "run {} measured {} at sizes {:?} / {} B, the first {} at {:?} / {} B: not comparable",
+                i + 1,
+                r.device,
+                r.sizes(),
+                r.bandwidth_size(),
+                first.device,
+                sizes,
+                bw
+            );
+            rounds.extend(r.rounds.iter().cloned());
+        }
+        Ok(Report::new(first.device.clone(), sizes, bw, rounds))
+    }
+}
+
+/// Arguments of `farbench rdma-report`.
+#[derive(Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// `farbench rdma --json` files (from one boot or several) whose rounds are pooled.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Write the pooled report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Report bars but exit 0 even when one fails.
+    #[arg(long)]
+    pub no_check: bool,
+}
+
+/// One line per paired ratio of `pooled`: each run's own median of it, in run order.
+fn per_run_medians(pooled: &Report, runs: &[Report]) -> Vec<String> {
+    let each: Vec<Vec<Ratio>> = runs.iter().map(|r| ratios(&r.sizes(), r.bandwidth_size(), &r.rounds)).collect();
+    pooled
+        .ratios
+        .iter()
+        .filter(|x| x.what.contains(" paired"))
+        .map(|x| {
+            let medians: Vec<String> = each
+                .iter()
+                .map(|rs| rs.iter().find(|y| y.what == x.what).map_or("-".to_string(), |y| format!("{:.2}", y.ratio)))
+                .collect();
+            format!("rdma {}: per run {}", x.what, medians.join(" "))
+        })
+        .collect()
+}
+
+/// `farbench rdma-report`: the ratios and bars over the rounds of several `farbench rdma` runs.
+pub fn report(a: &ReportArgs) -> Result<ExitCode> {
+    let mut runs = Vec::new();
+    for f in &a.files {
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let run: Report = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a `farbench rdma --json` report", f.display()))?;
+        eprintln!("{}: {} rounds on {}", f.display(), run.rounds.len(), run.device);
+        runs.push(run);
+    }
+    let pooled = Report::pooled(&runs)?;
+    print_ratios(&pooled.ratios, Some(runs.len()));
+    // Rounds of one boot share that boot's state, so the pooled interval assumes more independence
+    // than there is; each run's own paired medians, beside it, show how far the boots differ.
+    for line in per_run_medians(&pooled, &runs) {
+        println!("{line}");
+    }
+    if let Some(p) = &a.json {
+        crate::output::write_json(&pooled, p)?;
+    }
+    let missed = pooled.ratios.iter().any(|x| x.pass == Some(false));
     Ok(if missed && !a.no_check { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
@@ -295,7 +444,28 @@ fn one_round(a: &RdmaArgs, r: u32, lease: &Lease, eps: &mut Endpoints<'_>, arena
         let out = perftest(a, "ib_read_bw", a.bw_size, a.bw_iters)?;
         round.perftest_bw_mib_s = parse_perftest(&out, a.bw_size, 3);
     }
-    round.ours_bw_mib_s = eps.with(|ep| bandwidth(ep, lease, a.bw_size, a.bw_iters, a.depth))?;
+    round.ours_bw_mib_s = Some(eps.with(|ep| bandwidth(ep, lease, a.bw_size, a.bw_iters, a.depth))?);
+    Ok(round)
+}
+
+/// A latency-pair round (`--lat-rounds`): at each latency size, `ib_read_lat` and our arena READ, in
+/// an order that alternates from pair to pair (perftest first in even ones).
+fn pair_round(a: &RdmaArgs, p: u32, lease: &Lease, eps: &mut Endpoints<'_>, arena: &mut Arena) -> Result<Round> {
+    let mut round = Round::default();
+    for &size in &a.lat_sizes {
+        let theirs =
+            |a: &RdmaArgs| if a.no_perftest { Ok(String::new()) } else { perftest(a, "ib_read_lat", size, a.iters) };
+        let out = if p.is_multiple_of(2) {
+            let out = theirs(a)?;
+            round.ours_lat.push(eps.with(|ep| latency(ep, lease, arena, "read", size, a.iters))?);
+            out
+        } else {
+            round.ours_lat.push(eps.with(|ep| latency(ep, lease, arena, "read", size, a.iters))?);
+            theirs(a)?
+        };
+        round.perftest_lat_typical_us.push(parse_perftest(&out, size, 4));
+        round.perftest_lat_min_us.push(parse_perftest(&out, size, 2));
+    }
     Ok(round)
 }
 
@@ -519,9 +689,9 @@ fn ratio(what: String, ours: Option<f64>, pts: Vec<f64>, le: Option<f64>, ge: Op
     })
 }
 
-fn ratios(a: &RdmaArgs, rounds: &[Round]) -> Vec<Ratio> {
+fn ratios(lat_sizes: &[u64], bw_size: u64, rounds: &[Round]) -> Vec<Ratio> {
     let mut out = Vec::new();
-    for (i, &size) in a.lat_sizes.iter().enumerate() {
+    for (i, &size) in lat_sizes.iter().enumerate() {
         // The bar is on `read` (into a registered arena, as ib_read_lat reads into its registered
         // buffer); `read-copy` (run_one, bytes returned as `Bytes`) is reported beside it, unbarred.
         for (op, label, barred) in [("read", "", true), ("read-copy", " read-copy (run_one)", false)] {
@@ -532,7 +702,7 @@ fn ratios(a: &RdmaArgs, rounds: &[Round]) -> Vec<Ratio> {
             // goes over seconds) hits both sides of a round alike and cancels in its ratio.
             let pairs: Vec<(f64, f64)> = rounds
                 .iter()
-                .filter_map(|r| Some((p50(r)?, r.perftest_lat_typical_us[i]?)))
+                .filter_map(|r| Some((p50(r)?, r.perftest_lat_typical_us.get(i).copied().flatten()?)))
                 .filter(|&(_, p)| p > 0.0)
                 .collect();
             let pts: Vec<f64> = pairs.iter().map(|&(_, p)| p).collect();
@@ -557,21 +727,23 @@ fn ratios(a: &RdmaArgs, rounds: &[Round]) -> Vec<Ratio> {
             }
             // For reference: the ratio of the medians, of each side's best round, and of the minimums.
             let ours = median(rounds.iter().filter_map(p50).collect());
-            let pts = rounds.iter().filter_map(|r| r.perftest_lat_typical_us[i]).collect();
+            let pts = rounds.iter().filter_map(|r| r.perftest_lat_typical_us.get(i).copied().flatten()).collect();
             out.extend(ratio(format!("READ {size} B p50 us"), ours, pts, None, None));
             let best = |v: Vec<f64>| v.into_iter().reduce(f64::min);
             let ours_best = best(rounds.iter().filter_map(p50).collect());
             let pt_best: Vec<f64> =
-                best(rounds.iter().filter_map(|r| r.perftest_lat_typical_us[i]).collect()).into_iter().collect();
+                best(rounds.iter().filter_map(|r| r.perftest_lat_typical_us.get(i).copied().flatten()).collect())
+                    .into_iter()
+                    .collect();
             out.extend(ratio(format!("READ {size} B p50 us best round"), ours_best, pt_best, None, None));
             let ours_min = median(rounds.iter().filter_map(min).collect());
-            let pt_min = rounds.iter().filter_map(|r| r.perftest_lat_min_us[i]).collect();
+            let pt_min = rounds.iter().filter_map(|r| r.perftest_lat_min_us.get(i).copied().flatten()).collect();
             out.extend(ratio(format!("READ {size} B min us"), ours_min, pt_min, None, None));
         }
     }
-    let ours = median(rounds.iter().map(|r| r.ours_bw_mib_s).collect());
+    let ours = median(rounds.iter().filter_map(|r| r.ours_bw_mib_s).collect());
     let pts = rounds.iter().filter_map(|r| r.perftest_bw_mib_s).collect();
-    out.extend(ratio(format!("READ {} B bandwidth MiB/s", a.bw_size), ours, pts, None, Some(READ_BW_RATIO_MIN)));
+    out.extend(ratio(format!("READ {bw_size} B bandwidth MiB/s"), ours, pts, None, Some(READ_BW_RATIO_MIN)));
     out
 }
 
@@ -624,24 +796,26 @@ mod tests {
             ours_lat: vec![copy, lat],
             perftest_lat_typical_us: vec![Some(pt_typical)],
             perftest_lat_min_us: vec![Some(1.0)],
-            ours_bw_mib_s: 90.0,
+            ours_bw_mib_s: Some(90.0),
             perftest_bw_mib_s: Some(100.0),
         }
     }
 
+    /// A latency-pair round (`--lat-rounds`): the barred READ only, no bandwidth.
+    fn pair(ours_p50: f64, pt_typical: f64) -> Round {
+        let mut r = round(ours_p50, pt_typical);
+        r.ours_lat.retain(|p| p.op == "read");
+        r.ours_bw_mib_s = None;
+        r.perftest_bw_mib_s = None;
+        r
+    }
+
     #[test]
     fn paired_ratio_cancels_drift_between_rounds() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            a: RdmaArgs,
-        }
-        let a = Cli::parse_from(["x", "--device", "d", "--lat-sizes", "8"]).a;
         // The machine slows down 4x between rounds; ours is 1.1x perftest within every round.
         let rounds =
             vec![round(22.0, 20.0), round(88.0, 80.0), round(44.0, 40.0), round(88.0, 80.0), round(22.0, 20.0)];
-        let r = ratios(&a, &rounds);
+        let r = ratios(&[8], 64 << 10, &rounds);
         let paired = r.iter().find(|x| x.what == "READ 8 B p50 us paired").expect("paired line");
         assert!((paired.ratio - 1.1).abs() < 1e-9, "{paired:?}");
         assert_eq!(paired.pass, Some(true));
@@ -653,9 +827,81 @@ mod tests {
         // Ours 1.5x in three rounds of five: the bar is missed.
         let rounds =
             vec![round(30.0, 20.0), round(88.0, 80.0), round(60.0, 40.0), round(120.0, 80.0), round(22.0, 20.0)];
-        let paired = ratios(&a, &rounds).into_iter().find(|x| x.what == "READ 8 B p50 us paired").unwrap();
+        let paired = ratios(&[8], 64 << 10, &rounds).into_iter().find(|x| x.what == "READ 8 B p50 us paired").unwrap();
         assert!((paired.ratio - 1.5).abs() < 1e-9 && paired.pass == Some(false), "{paired:?}");
-        let bw = ratios(&a, &rounds).into_iter().find(|x| x.what.contains("bandwidth")).unwrap();
+        let bw = ratios(&[8], 64 << 10, &rounds).into_iter().find(|x| x.what.contains("bandwidth")).unwrap();
         assert!((bw.ratio - 0.9).abs() < 1e-9 && bw.pass == Some(true));
+    }
+
+    #[test]
+    fn full_rounds_are_spread_among_the_latency_pairs() {
+        for (full, total) in [(11u32, 33u32), (11, 11), (3, 10), (1, 7), (5, 6)] {
+            let marks: Vec<bool> = (0..total).map(|r| is_full_round(r, full, total)).collect();
+            assert_eq!(marks.iter().filter(|&&m| m).count(), full as usize, "{full} of {total}: {marks:?}");
+            assert!(marks[0], "the first round is full ({full} of {total})");
+            // Evenly: between two full rounds at most ceil(total / full) - 1 pairs.
+            let idx: Vec<usize> = (0..marks.len()).filter(|&i| marks[i]).collect();
+            let widest = idx.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(1) as u32;
+            assert!(widest <= total.div_ceil(full), "{full} of {total}: {marks:?}");
+        }
+    }
+
+    #[test]
+    fn latency_pairs_count_in_the_latency_ratio_only() {
+        // Two full rounds at 1.1 and five pairs at 0.9: the paired median is over all seven rounds, the
+        // bandwidth over the two full ones; pairs lack the read-copy phase and the 8 KiB size is absent
+        // from every round here without a panic.
+        let mut rounds = vec![round(22.0, 20.0), round(44.0, 40.0)];
+        rounds.extend((0..5).map(|_| pair(18.0, 20.0)));
+        let r = ratios(&[8, 8192], 64 << 10, &rounds);
+        let paired = r.iter().find(|x| x.what == "READ 8 B p50 us paired").unwrap();
+        assert_eq!(paired.rounds, 7);
+        assert!((paired.ratio - 0.9).abs() < 1e-9, "{paired:?}");
+        assert!(paired.ci95.is_some(), "7 rounds give an interval");
+        let copy = r.iter().find(|x| x.what == "READ 8 B p50 us paired read-copy (run_one)").unwrap();
+        assert_eq!(copy.rounds, 2);
+        let bw = r.iter().find(|x| x.what.contains("bandwidth")).unwrap();
+        assert_eq!(bw.rounds, 2);
+        assert!(!r.iter().any(|x| x.what.contains("8192")), "no 8 KiB figures without 8 KiB phases");
+    }
+
+    #[test]
+    fn reports_pool_across_runs_and_refuse_mismatches() {
+        let a = Report::new("rxe_lo".into(), vec![8], 64 << 10, (0..4).map(|_| round(30.0, 20.0)).collect());
+        let b = Report::new("rxe_lo".into(), vec![8], 64 << 10, (0..4).map(|_| round(20.0, 20.0)).collect());
+        assert_eq!(a.ratios.iter().find(|x| x.what == "READ 8 B p50 us paired").unwrap().pass, Some(false));
+        // Through JSON, as `rdma-report` reads them.
+        let back: Vec<Report> =
+            [&a, &b].iter().map(|r| serde_json::from_str(&serde_json::to_string(r).unwrap()).unwrap()).collect();
+        let pooled = Report::pooled(&back).unwrap();
+        assert_eq!(pooled.rounds.len(), 8);
+        let paired = pooled.ratios.iter().find(|x| x.what == "READ 8 B p50 us paired").unwrap();
+        assert_eq!(paired.rounds, 8);
+        // Upper median of four 1.0 and four 1.5.
+        assert!((paired.ratio - 1.5).abs() < 1e-9, "{paired:?}");
+        assert_eq!(paired.ci95, Some([1.0, 1.5]));
+        let lines = per_run_medians(&pooled, &back);
+        assert!(lines.contains(&"rdma READ 8 B p50 us paired: per run 1.50 1.00".to_string()), "{lines:?}");
+        let other = Report::new("rxe_lo".into(), vec![8, 8192], 64 << 10, vec![round(20.0, 20.0)]);
+        let e = Report::pooled(&[a.clone(), other]).unwrap_err().to_string();
+        assert!(e.contains("not comparable"), "{e}");
+        assert!(Report::pooled(&[]).is_err());
+    }
+
+    #[test]
+    fn older_reports_without_sizes_still_pool() {
+        // A file written before `lat_sizes` and `bw_size` were recorded (and with a bare bandwidth).
+        let old = r#"{"device":"rxe_lo","rounds":[{"ours_lat":[{"op":"read","size":8,"min_us":20.0,
+            "p50_us":22.0,"p99_us":30.0},{"op":"read","size":8192,"min_us":90.0,"p50_us":100.0,"p99_us":120.0}],
+            "perftest_lat_typical_us":[20.0,100.0],"perftest_lat_min_us":[19.0,90.0],"ours_bw_mib_s":40.0,
+            "perftest_bw_mib_s":50.0}],"ratios":[]}"#;
+        let r: Report = serde_json::from_str(old).unwrap();
+        assert_eq!(r.sizes(), vec![8, 8192]);
+        assert_eq!(r.bandwidth_size(), 64 << 10);
+        let pooled = Report::pooled(&[r.clone(), r]).unwrap();
+        let paired = pooled.ratios.iter().find(|x| x.what == "READ 8 B p50 us paired").unwrap();
+        assert!((paired.ratio - 1.1).abs() < 1e-9 && paired.rounds == 2, "{paired:?}");
+        let bw = pooled.ratios.iter().find(|x| x.what == "READ 65536 B bandwidth MiB/s").unwrap();
+        assert!((bw.ratio - 0.8).abs() < 1e-9, "{bw:?}");
     }
 }

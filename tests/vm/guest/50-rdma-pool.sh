@@ -18,7 +18,8 @@
 #   pool-forced-unavailable  forced rdma against a --no-rdma server: Unsupported, never a fallback
 #   pool-killed              the server killed (kill -9) mid-run: errors within seconds, no hang
 #   pool-auto-log            the client logged its negotiation ("transport negotiated ... rdma")
-#   rdma-bench-lat-read      farbench rdma: our 8 B READ p50 vs ib_read_lat t_typical, 11 interleaved rounds (with a 95% CI)
+#   rdma-bench-lat-read      farbench rdma: our 8 B READ p50 vs ib_read_lat t_typical, 27 interleaved rounds (7 full, 20
+#                            latency pairs; with a 95% CI)
 #                            (bar <= 1.2x) on the median of the per-round ratios; when perftest's own
 #                            medians spread over 1.5x (host load), the line says so
 #   rdma-bench-bw-read       farbench rdma: our 64 KiB READ bandwidth vs ib_read_bw (bar >= 0.8x)
@@ -57,7 +58,7 @@ if [ -n "$line" ]; then echo "RESULT pool-auto-log PASS ${line#*INFO }"
 else echo "RESULT pool-auto-log FAIL no 'transport negotiated ... transport=rdma ... reason=auto' in the client log"; fi
 
 # --- farbench rdma beside perftest, interleaved ------------------------------------------------------
-timeout 600 farbench rdma --device "$DEV" --gid-index "$GIDX" --rounds 11 --no-check \
+timeout 600 farbench rdma --device "$DEV" --gid-index "$GIDX" --rounds 7 --lat-rounds 27 --no-check \
   --json "$OUT/farbench-rdma.json" >/tmp/bench.txt 2>/tmp/bench.err
 brc=$?
 cat /tmp/bench.txt; cat /tmp/bench.txt /tmp/bench.err >"$OUT/farbench-rdma.txt"
