@@ -271,7 +271,7 @@ fn is_full_round(r: u32, full: u32, total: u32) -> bool {
 /// Print one `rdma ...` line per ratio (the suite's bar lines grep these); `runs` names how many
 /// runs a pooled report draws on.
 fn print_ratios(ratios: &[Ratio], runs: Option<usize>) {
-    let from = runs.map(|n| format!(" from {n} runs")).unwrap_or_default();
+    let from = runs.map(|n| format!(" from {n} run{}", if n == 1 { "" } else { "s" })).unwrap_or_default();
     for x in ratios {
         println!(
             "rdma {}: ours {:.2} vs perftest {:.2}: ratio {:.2} spread {:.2}{}{}",
