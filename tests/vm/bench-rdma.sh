@@ -6,7 +6,9 @@
 # every round move much less.
 # usage: tests/vm/bench-rdma.sh [--boots N] [--out DIR]
 #   --boots N   boots to run (default 3; ~3.5 min each on 2 host cores)
-#   --out DIR   where boot-K.json, boot-K.txt and pooled.txt go (default <target>/vm-bench)
+#   --out DIR   where boot-K.json, boot-K.txt and pooled.txt go (default <target>/vm-bench); the
+#               suite's shorter run in the default CPU layout goes to boot-K-shared.json and
+#               pooled-shared.txt
 # Needs the guest binaries built with the rdma features (see the header of guest/50-rdma-pool.sh)
 # and the image (tests/vm/run.sh --build). Exit 0 iff every boot produced figures; the bars are
 # reported, not enforced (they are benchmark figures under emulation).
@@ -27,7 +29,7 @@ done
 case $BOOTS in ''|*[!0-9]*|0) echo "bench-rdma: --boots must be a positive number, not '$BOOTS'" >&2; exit 2 ;; esac
 [ -x "$BIN_DIR/farbench" ] || { echo "bench-rdma: no $BIN_DIR/farbench (cargo build --release with the rdma features)" >&2; exit 2; }
 mkdir -p "$OUTDIR"
-JSONS=()
+JSONS=(); SHARED=()
 for k in $(seq "$BOOTS"); do
   echo "bench-rdma: boot $k of $BOOTS ($(date +%T))"
   if ! "$S/run.sh" rdma-pool >"$OUTDIR/boot-$k.log" 2>&1; then
@@ -37,7 +39,11 @@ for k in $(seq "$BOOTS"); do
     cp "$TARGET/vm-out/farbench-rdma.json" "$OUTDIR/boot-$k.json"
     cp "$TARGET/vm-out/farbench-rdma.txt" "$OUTDIR/boot-$k.txt" 2>/dev/null || true
     JSONS+=("$OUTDIR/boot-$k.json")
-    grep -h '^BAR' "$TARGET/vm-out/bars.txt" | sed "s/^/bench-rdma: boot $k: /" || true
+    if [ -s "$TARGET/vm-out/farbench-rdma-shared.json" ]; then
+      cp "$TARGET/vm-out/farbench-rdma-shared.json" "$OUTDIR/boot-$k-shared.json"
+      SHARED+=("$OUTDIR/boot-$k-shared.json")
+    fi
+    grep -h '^BAR\|^FIGURE' "$TARGET/vm-out/bars.txt" | sed "s/^/bench-rdma: boot $k: /" || true
   else
     echo "bench-rdma: boot $k produced no farbench-rdma.json" >&2
   fi
@@ -45,5 +51,9 @@ for k in $(seq "$BOOTS"); do
 done
 [ ${#JSONS[@]} -gt 0 ] || { echo "bench-rdma: no boot produced figures" >&2; exit 1; }
 "$BIN_DIR/farbench" rdma-report --no-check --json "$OUTDIR/pooled.json" "${JSONS[@]}" | tee "$OUTDIR/pooled.txt"
+if [ ${#SHARED[@]} -gt 0 ]; then
+  echo "bench-rdma: the default CPU layout (nothing pinned; unbarred, for comparison):"
+  "$BIN_DIR/farbench" rdma-report --no-check "${SHARED[@]}" | grep ' paired' | tee "$OUTDIR/pooled-shared.txt"
+fi
 echo "bench-rdma: ${#JSONS[@]} of $BOOTS boots pooled; figures in $OUTDIR"
 [ ${#JSONS[@]} = "$BOOTS" ]
