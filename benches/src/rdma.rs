@@ -149,6 +149,26 @@ pub struct Round {
     pub perftest_bw_mib_s: Option<f64>,
 }
 
+impl Round {
+    /// `ib_read_lat`'s t_typical at latency size `i`, if this round ran it and it parsed.
+    fn perftest_typical(&self, i: usize) -> Option<f64> {
+        self.perftest_lat_typical_us.get(i).copied().flatten()
+    }
+
+    /// `ib_read_lat`'s t_min at latency size `i`.
+    fn perftest_min(&self, i: usize) -> Option<f64> {
+        self.perftest_lat_min_us.get(i).copied().flatten()
+    }
+
+    /// Run `ib_read_lat` at `size` (unless `--no-perftest`) and record its t_typical and t_min.
+    fn run_perftest_lat(&mut self, a: &RdmaArgs, size: u64) -> Result<()> {
+        let out = if a.no_perftest { String::new() } else { perftest(a, "ib_read_lat", size, a.iters)? };
+        self.perftest_lat_typical_us.push(parse_perftest(&out, size, 4));
+        self.perftest_lat_min_us.push(parse_perftest(&out, size, 2));
+        Ok(())
+    }
+}
+
 /// A ratio against perftest with its bar.
 #[derive(Clone, Debug, Serialize)]
 pub struct Ratio {
@@ -180,7 +200,7 @@ pub struct Report {
     /// Device.
     pub device: String,
     /// READ latency sizes, in the order of each round's `perftest_lat_*` entries (older files lack
-    /// it: [`Report::sizes`] then takes them from the first round's READ phases).
+    /// it: [`Report::from_json`] then takes them from the first round's READ phases).
     #[serde(default)]
     pub lat_sizes: Vec<u64>,
     /// Bandwidth message size (0 in older files: 64 KiB was the only size they used).
@@ -188,7 +208,7 @@ pub struct Report {
     pub bw_size: u64,
     /// Rounds, in run order.
     pub rounds: Vec<Round>,
-    /// Ratios of the medians (not read back: a pooled report computes its own from the rounds).
+    /// Ratios of the medians (not read back: [`Report::from_json`] computes them from the rounds).
     #[serde(skip_deserializing)]
     pub ratios: Vec<Ratio>,
 }
@@ -253,11 +273,16 @@ pub fn run(a: &RdmaArgs) -> Result<ExitCode> {
     }
     let report = Report::new(a.device.clone(), a.lat_sizes.clone(), a.bw_size, rounds);
     print_ratios(&report.ratios, None);
-    if let Some(p) = &a.json {
-        crate::output::write_json(&report, p)?;
+    finish(&report, a.json.as_deref(), a.no_check)
+}
+
+/// Write `report` as JSON if asked; failure when a bar is missed, unless `no_check`.
+fn finish(report: &Report, json: Option<&std::path::Path>, no_check: bool) -> Result<ExitCode> {
+    if let Some(p) = json {
+        crate::output::write_json(report, p)?;
     }
     let missed = report.ratios.iter().any(|x| x.pass == Some(false));
-    Ok(if missed && !a.no_check { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if missed && !no_check { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 /// Whether round `r` of `total` is one of the `full` full rounds: they are spread evenly, the first
@@ -298,18 +323,19 @@ impl Report {
         Report { device, lat_sizes, bw_size, rounds, ratios }
     }
 
-    /// The READ latency sizes: as recorded, or (older files) the first round's READ phases in order.
-    pub fn sizes(&self) -> Vec<u64> {
-        if !self.lat_sizes.is_empty() {
-            return self.lat_sizes.clone();
+    /// A report read back from `farbench rdma --json` text, with its ratios computed. Files of older
+    /// builds lack `lat_sizes` (taken from the first round's READ phases, in order) and `bw_size`
+    /// (64 KiB, the only size they used).
+    pub fn from_json(text: &str) -> Result<Self> {
+        let mut r: Report = serde_json::from_str(text)?;
+        if r.lat_sizes.is_empty() {
+            let first = r.rounds.first().map(|x| x.ours_lat.as_slice()).unwrap_or_default();
+            r.lat_sizes = first.iter().filter(|p| p.op == "read").map(|p| p.size).collect();
         }
-        let first = self.rounds.first().map(|r| r.ours_lat.as_slice()).unwrap_or_default();
-        first.iter().filter(|p| p.op == "read").map(|p| p.size).collect()
-    }
-
-    /// The bandwidth size: as recorded, or 64 KiB (the only size older files used).
-    pub fn bandwidth_size(&self) -> u64 {
-        if self.bw_size == 0 { 64 << 10 } else { self.bw_size }
+        if r.bw_size == 0 {
+            r.bw_size = 64 << 10;
+        }
+        Ok(Report::new(r.device, r.lat_sizes, r.bw_size, r.rounds))
     }
 
     /// All rounds of `runs` as one report, with the ratios computed over all of them. Each round is
@@ -318,23 +344,22 @@ impl Report {
     /// on the device, the latency sizes and the bandwidth size.
     pub fn pooled(runs: &[Report]) -> Result<Report> {
         let first = runs.first().ok_or_else(|| anyhow!("no runs to pool"))?;
-        let (sizes, bw) = (first.sizes(), first.bandwidth_size());
         let mut rounds = Vec::new();
         for (i, r) in runs.iter().enumerate() {
             ensure!(
-                r.device == first.device && r.sizes() == sizes && r.bandwidth_size() == bw,
+                r.device == first.device && r.lat_sizes == first.lat_sizes && r.bw_size == first.bw_size,
                 "run {} measured {} at sizes {:?} / {} B, the first {} at {:?} / {} B: not comparable",
                 i + 1,
                 r.device,
-                r.sizes(),
-                r.bandwidth_size(),
+                r.lat_sizes,
+                r.bw_size,
                 first.device,
-                sizes,
-                bw
+                first.lat_sizes,
+                first.bw_size
             );
             rounds.extend(r.rounds.iter().cloned());
         }
-        Ok(Report::new(first.device.clone(), sizes, bw, rounds))
+        Ok(Report::new(first.device.clone(), first.lat_sizes.clone(), first.bw_size, rounds))
     }
 }
 
@@ -354,15 +379,16 @@ pub struct ReportArgs {
 
 /// One line per paired ratio of `pooled`: each run's own median of it, in run order.
 fn per_run_medians(pooled: &Report, runs: &[Report]) -> Vec<String> {
-    let each: Vec<Vec<Ratio>> = runs.iter().map(|r| ratios(&r.sizes(), r.bandwidth_size(), &r.rounds)).collect();
     pooled
         .ratios
         .iter()
         .filter(|x| x.what.contains(" paired"))
         .map(|x| {
-            let medians: Vec<String> = each
+            let medians: Vec<String> = runs
                 .iter()
-                .map(|rs| rs.iter().find(|y| y.what == x.what).map_or("-".to_string(), |y| format!("{:.2}", y.ratio)))
+                .map(|r| {
+                    r.ratios.iter().find(|y| y.what == x.what).map_or("-".to_string(), |y| format!("{:.2}", y.ratio))
+                })
                 .collect();
             format!("rdma {}: per run {}", x.what, medians.join(" "))
         })
@@ -374,7 +400,7 @@ pub fn report(a: &ReportArgs) -> Result<ExitCode> {
     let mut runs = Vec::new();
     for f in &a.files {
         let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        let run: Report = serde_json::from_str(&text)
+        let run = Report::from_json(&text)
             .with_context(|| format!("{}: not a `farbench rdma --json` report", f.display()))?;
         eprintln!("{}: {} rounds on {}", f.display(), run.rounds.len(), run.device);
         runs.push(run);
@@ -386,11 +412,7 @@ pub fn report(a: &ReportArgs) -> Result<ExitCode> {
     for line in per_run_medians(&pooled, &runs) {
         println!("{line}");
     }
-    if let Some(p) = &a.json {
-        crate::output::write_json(&pooled, p)?;
-    }
-    let missed = pooled.ratios.iter().any(|x| x.pass == Some(false));
-    Ok(if missed && !a.no_check { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    finish(&pooled, a.json.as_deref(), a.no_check)
 }
 
 /// A data endpoint to server 0 that is known to run over rdma.
@@ -431,9 +453,7 @@ fn one_round(a: &RdmaArgs, r: u32, lease: &Lease, eps: &mut Endpoints<'_>, arena
     // perftest directly.
     let reads = if r.is_multiple_of(2) { ["read", "read-copy"] } else { ["read-copy", "read"] };
     for &size in &a.lat_sizes {
-        let out = if a.no_perftest { String::new() } else { perftest(a, "ib_read_lat", size, a.iters)? };
-        round.perftest_lat_typical_us.push(parse_perftest(&out, size, 4));
-        round.perftest_lat_min_us.push(parse_perftest(&out, size, 2));
+        round.run_perftest_lat(a, size)?;
         for op in reads {
             round.ours_lat.push(eps.with(|ep| latency(ep, lease, arena, op, size, a.iters))?);
         }
@@ -452,19 +472,15 @@ fn one_round(a: &RdmaArgs, r: u32, lease: &Lease, eps: &mut Endpoints<'_>, arena
 /// an order that alternates from pair to pair (perftest first in even ones).
 fn pair_round(a: &RdmaArgs, p: u32, lease: &Lease, eps: &mut Endpoints<'_>, arena: &mut Arena) -> Result<Round> {
     let mut round = Round::default();
+    let ours_first = !p.is_multiple_of(2);
     for &size in &a.lat_sizes {
-        let theirs =
-            |a: &RdmaArgs| if a.no_perftest { Ok(String::new()) } else { perftest(a, "ib_read_lat", size, a.iters) };
-        let out = if p.is_multiple_of(2) {
-            let out = theirs(a)?;
+        if ours_first {
             round.ours_lat.push(eps.with(|ep| latency(ep, lease, arena, "read", size, a.iters))?);
-            out
-        } else {
+        }
+        round.run_perftest_lat(a, size)?;
+        if !ours_first {
             round.ours_lat.push(eps.with(|ep| latency(ep, lease, arena, "read", size, a.iters))?);
-            theirs(a)?
-        };
-        round.perftest_lat_typical_us.push(parse_perftest(&out, size, 4));
-        round.perftest_lat_min_us.push(parse_perftest(&out, size, 2));
+        }
     }
     Ok(round)
 }
@@ -702,7 +718,7 @@ fn ratios(lat_sizes: &[u64], bw_size: u64, rounds: &[Round]) -> Vec<Ratio> {
             // goes over seconds) hits both sides of a round alike and cancels in its ratio.
             let pairs: Vec<(f64, f64)> = rounds
                 .iter()
-                .filter_map(|r| Some((p50(r)?, r.perftest_lat_typical_us.get(i).copied().flatten()?)))
+                .filter_map(|r| Some((p50(r)?, r.perftest_typical(i)?)))
                 .filter(|&(_, p)| p > 0.0)
                 .collect();
             let pts: Vec<f64> = pairs.iter().map(|&(_, p)| p).collect();
@@ -727,17 +743,15 @@ fn ratios(lat_sizes: &[u64], bw_size: u64, rounds: &[Round]) -> Vec<Ratio> {
             }
             // For reference: the ratio of the medians, of each side's best round, and of the minimums.
             let ours = median(rounds.iter().filter_map(p50).collect());
-            let pts = rounds.iter().filter_map(|r| r.perftest_lat_typical_us.get(i).copied().flatten()).collect();
+            let pts = rounds.iter().filter_map(|r| r.perftest_typical(i)).collect();
             out.extend(ratio(format!("READ {size} B p50 us"), ours, pts, None, None));
             let best = |v: Vec<f64>| v.into_iter().reduce(f64::min);
             let ours_best = best(rounds.iter().filter_map(p50).collect());
             let pt_best: Vec<f64> =
-                best(rounds.iter().filter_map(|r| r.perftest_lat_typical_us.get(i).copied().flatten()).collect())
-                    .into_iter()
-                    .collect();
+                best(rounds.iter().filter_map(|r| r.perftest_typical(i)).collect()).into_iter().collect();
             out.extend(ratio(format!("READ {size} B p50 us best round"), ours_best, pt_best, None, None));
             let ours_min = median(rounds.iter().filter_map(min).collect());
-            let pt_min = rounds.iter().filter_map(|r| r.perftest_lat_min_us.get(i).copied().flatten()).collect();
+            let pt_min = rounds.iter().filter_map(|r| r.perftest_min(i)).collect();
             out.extend(ratio(format!("READ {size} B min us"), ours_min, pt_min, None, None));
         }
     }
@@ -872,7 +886,7 @@ mod tests {
         assert_eq!(a.ratios.iter().find(|x| x.what == "READ 8 B p50 us paired").unwrap().pass, Some(false));
         // Through JSON, as `rdma-report` reads them.
         let back: Vec<Report> =
-            [&a, &b].iter().map(|r| serde_json::from_str(&serde_json::to_string(r).unwrap()).unwrap()).collect();
+            [&a, &b].iter().map(|r| Report::from_json(&serde_json::to_string(r).unwrap()).unwrap()).collect();
         let pooled = Report::pooled(&back).unwrap();
         assert_eq!(pooled.rounds.len(), 8);
         let paired = pooled.ratios.iter().find(|x| x.what == "READ 8 B p50 us paired").unwrap();
@@ -895,9 +909,9 @@ mod tests {
             "p50_us":22.0,"p99_us":30.0},{"op":"read","size":8192,"min_us":90.0,"p50_us":100.0,"p99_us":120.0}],
             "perftest_lat_typical_us":[20.0,100.0],"perftest_lat_min_us":[19.0,90.0],"ours_bw_mib_s":40.0,
             "perftest_bw_mib_s":50.0}],"ratios":[]}"#;
-        let r: Report = serde_json::from_str(old).unwrap();
-        assert_eq!(r.sizes(), vec![8, 8192]);
-        assert_eq!(r.bandwidth_size(), 64 << 10);
+        let r = Report::from_json(old).unwrap();
+        assert_eq!(r.lat_sizes, vec![8, 8192]);
+        assert_eq!(r.bw_size, 64 << 10);
         let pooled = Report::pooled(&[r.clone(), r]).unwrap();
         let paired = pooled.ratios.iter().find(|x| x.what == "READ 8 B p50 us paired").unwrap();
         assert!((paired.ratio - 1.1).abs() < 1e-9 && paired.rounds == 2, "{paired:?}");
